@@ -1,0 +1,157 @@
+"""The `aopd` command line. Nothing heavy is imported at module top, so `aopd --help` stays fast:
+each command imports its stage when it runs.
+
+    aopd --help
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="aopd",
+    help="Asymmetric On-Policy Distillation and its baselines: warm-up, distillation, continual learning, "
+    "evaluation, sweeps. Overrides use Hydra's grammar: key=value (objective=gkd, objective.tau=0.5).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+OVERRIDES = typer.Argument(None, help="Hydra-style overrides, e.g. objective=aopd objective.tau=0.5 train.steps=90")
+
+
+def _refuse(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _load(stage: str, overrides: list[str] | None):
+    from aopd_cli.config.compose import ConfigError, load_stage_config
+
+    try:
+        return load_stage_config(stage, list(overrides or []))
+    except ConfigError as err:
+        _refuse(str(err).replace("[", "\\["))
+
+
+def _run(stage: str, overrides: list[str] | None) -> None:
+    config = _load(stage, overrides)
+    from aopd_cli.stages import run_stage
+    from aopd_cli.errors import UserError
+
+    try:
+        run_stage(config)
+    except UserError as err:
+        _refuse(str(err).replace("[", "\\["), code=1)
+
+
+@app.command()
+def warmup(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """SFT a base student on reasoning traces (OpenThoughts format)."""
+    _run("warmup", overrides)
+
+
+@app.command()
+def distill(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """On-policy distillation from a teacher: objective=aopd|opd|gkd|seqkd|exopd."""
+    _run("distill", overrides)
+
+
+@app.command()
+def continual(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Keep distilling on tool-use data (ToolAlpaca) and measure the math ability kept."""
+    _run("continual", overrides)
+
+
+@app.command("eval")
+def evaluate(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Pass@k on AIME24/AIME25/HMMT25 (or the lab), success rate on ToolAlpaca."""
+    _run("eval", overrides)
+
+
+@app.command()
+def pipeline(overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Run an experiment's stages in order (experiment=NAME; default: the CPU lab).
+
+    An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage."""
+    from aopd_cli.config.compose import ConfigError
+    from aopd_cli.errors import UserError
+    from aopd_cli.pipeline import plan_pipeline, run_pipeline
+
+    try:
+        plan = plan_pipeline(list(overrides or []))
+    except ConfigError as err:
+        _refuse(str(err).replace("[", "\\["))
+    try:
+        run_pipeline(plan)
+    except UserError as err:
+        _refuse(str(err).replace("[", "\\["), code=1)
+
+
+@app.command()
+def sweep(
+    stage: str = typer.Argument(..., help="warmup, distill, continual, eval or pipeline"),
+    param: list[str] = typer.Option([], "--param", help="KEY=VALUES, e.g. tau=-1,0,1 or objective.beta=range(0,1,0.5)"),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="seeds per grid point (seed=0..N-1)"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Run a grid of configurations (times seeds), one MLflow child run each; re-running resumes."""
+    from aopd_cli.config.compose import ConfigError
+    from aopd_cli.errors import UserError
+    from aopd_cli.sweep import plan_sweep, run_sweep
+
+    try:
+        plan = plan_sweep(stage, list(param), seeds, list(overrides or []))
+    except ConfigError as err:
+        _refuse(str(err).replace("[", "\\["))
+    try:
+        run_sweep(plan)
+    except UserError as err:
+        _refuse(str(err).replace("[", "\\["), code=1)
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Option("aopd", "--experiment", help="MLflow experiment name"),
+    parent: Optional[str] = typer.Option(None, "--parent", help="only the children of this parent run"),
+    metric: list[str] = typer.Option([], "--metric", help="metrics for the table (default: eval pass@k)"),
+    out: str = typer.Option("outputs/compare", "--out", help="where CSV, Markdown and PNG plots go"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: ./mlflow.db)"),
+) -> None:
+    """Table and plots across runs (MLflow is the store)."""
+    from aopd_cli.compare import run_compare
+    from aopd_cli.errors import UserError
+
+    try:
+        run_compare(experiment=experiment, parent=parent, metrics=list(metric), out_dir=out, tracking_uri=tracking_uri)
+    except UserError as err:
+        _refuse(str(err).replace("[", "\\["), code=1)
+
+
+@app.command()
+def show(
+    stage: str = typer.Argument(..., help="warmup, distill, continual, eval, or pipeline"),
+    overrides: Optional[list[str]] = OVERRIDES,
+) -> None:
+    """Print the resolved, validated config as YAML."""
+    if stage == "pipeline":
+        from aopd_cli.config.compose import ConfigError
+        from aopd_cli.pipeline import plan_pipeline, plan_yaml
+
+        try:
+            sys.stdout.write(plan_yaml(plan_pipeline(list(overrides or []))))
+        except ConfigError as err:
+            _refuse(str(err).replace("[", "\\["))
+        return
+    from aopd_cli.config.compose import to_yaml
+
+    sys.stdout.write(to_yaml(_load(stage, overrides)))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,169 @@
+"""Compose `recipes/` with Hydra's compose API and validate the result once (the only Hydra import).
+
+Errors become one `ConfigError` whose message names the dotted key, the bad value and what is allowed;
+the CLI prints it and exits 2 before anything is written.
+
+    aopd show warmup train.steps=10
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from aopd_cli.config.schema import OBJECTIVES, STAGE_MODELS, Experiment
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ConfigError(ValueError):
+    """A refused configuration; the message is for the user."""
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("AOPD_RECIPES", REPO_ROOT / "recipes")).resolve()
+
+
+def experiments_dir() -> Path:
+    return Path(os.environ.get("AOPD_EXPERIMENTS", REPO_ROOT / "experiments")).resolve()
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
+
+
+def compose_dict(stage: str, overrides: list[str]) -> dict[str, Any]:
+    """Hydra composition of `recipes/<stage>.yaml` with overrides, as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf import OmegaConf
+
+    if stage not in STAGE_MODELS:
+        raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODELS)}")
+    try:
+        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+            cfg = compose(config_name=stage, overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except MissingConfigException as err:
+        raise ConfigError(_missing_option_message(err, overrides)) from None
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse override: {err}") from None
+    except ConfigCompositionException as err:
+        raise ConfigError(_composition_message(stage, err, overrides)) from None
+
+
+def _missing_option_message(err, overrides: list[str]) -> str:
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if (recipes_dir() / key).is_dir() and value not in group_options(key):
+            options = group_options(key)
+            hint = difflib.get_close_matches(value, options, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            return f"{key}={value}: no such option{did_you_mean}; allowed: {', '.join(options)}"
+    return str(err).strip()
+
+
+def _composition_message(stage: str, err, overrides: list[str]) -> str:
+    text = str(err)
+    bad = next((o for o in overrides if f"'{o.split('=')[0]}'" in text), None)
+    if bad is None:
+        return text.strip()
+    key, _, value = bad.partition("=")
+    known = flat_keys(compose_dict(stage, [o for o in overrides if o != bad]))
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    parent = key.rpartition(".")[0]
+    siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
+    allowed = f" Keys under {parent!r}: {', '.join(siblings)}." if siblings and parent else ""
+    return f"{key}={value}: unknown key{did_you_mean}.{allowed}"
+
+
+def flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            keys += flat_keys(value, dotted + ".")
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> leaf values, for MLflow params and sweep tags."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def validate(stage: str, raw: dict[str, Any]) -> BaseModel:
+    model = STAGE_MODELS[stage]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_validation_message(err, raw)) from None
+
+
+def _validation_message(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for issue in err.errors():
+        loc = [str(part) for part in issue["loc"]]
+        if len(loc) >= 2 and loc[0] == "objective" and loc[1] in OBJECTIVES:
+            loc.pop(1)  # the union's tag: the user wrote objective.tau, not objective.aopd.tau
+        key = ".".join(loc) or "<root>"
+        if issue["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key{_extra_hint(loc, raw)}")
+        elif issue["type"] == "union_tag_invalid":
+            lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVES)}, got {issue['input']!r}")
+        else:
+            lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _extra_hint(loc: list[str], raw: dict) -> str:
+    parent_path, name = loc[:-1], loc[-1]
+    if parent_path == ["objective"]:
+        objective_name = raw.get("objective", {}).get("name")
+        model = OBJECTIVES.get(objective_name)
+        if model is not None:
+            allowed = [f for f in model.model_fields if f != "name"]
+            hint = difflib.get_close_matches(name, allowed, n=1)
+            did_you_mean = f" (did you mean {'objective.' + hint[0]!r}?)" if hint else ""
+            return f" for objective {objective_name!r}{did_you_mean}; allowed: {', '.join(allowed)}"
+    return ""
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def load_stage_config(stage: str, overrides: list[str]):
+    """Compose and validate: the one entry point stages and commands use."""
+    return validate(stage, compose_dict(stage, overrides))
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = experiments_dir() / f"{name_or_path}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
+        raise ConfigError(f"experiment={name_or_path}: no such experiment; allowed: {', '.join(options)}")
+    try:
+        return Experiment.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as err:
+        raise ConfigError(f"experiment file {path}: {_validation_message(err, {})}") from None
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,210 @@
+"""The validated configuration of every stage: frozen pydantic models that forbid unknown keys.
+
+Hydra composes `recipes/` into a plain dict; `validate(stage, dict)` turns it into one of these models,
+once, at the boundary. Past that point the code reads attributes, never `cfg.get(...)`.
+
+    aopd show distill objective=aopd objective.tau=0.5
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MATH_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+
+Reduction = Literal["seq-mean-token-mean", "token-mean"]
+Support = Literal["raw", "renorm", "tail"]
+StageName = Literal["warmup", "distill", "continual", "eval"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LabArch(Strict):
+    """A tiny Qwen3 built from a config (the lab); the tokenizer is the lab's."""
+
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int = Field(16, ge=4)
+    intermediate_size: int = Field(128, ge=8)
+
+
+class ModelConfig(Strict):
+    path: str | None = None  # a local directory or a hub id
+    arch: LabArch | None = None  # instead of path: a fresh lab model
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+
+    @model_validator(mode="after")
+    def _path_or_arch(self):
+        if (self.path is None) == (self.arch is None):
+            raise ValueError("give exactly one of `path` (a checkpoint or hub id) or `arch` (a fresh lab model)")
+        return self
+
+
+class DataConfig(Strict):
+    source: str  # a known name (deepmath, openthoughts, toolalpaca, lab_math, ...), a hub id or a local path
+    config: str | None = None
+    split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    min_difficulty: float | None = None
+    on_bad_row: Literal["raise", "skip"] = "raise"
+    prompt_suffix: str = MATH_PROMPT_SUFFIX
+
+
+class AopdObjective(Strict):
+    name: Literal["aopd"]
+    tau: float = Field(0.0, ge=-1.0, le=1.0)
+    beta: float = Field(1.0, ge=0.0, le=1.0)
+    top_k: int = Field(32, ge=1)
+    intervention: Literal["threshold", "zero", "accuracy"] = "threshold"
+    zero_eps: float = Field(1e-2, ge=0.0)
+    support: Support = "raw"
+    reduction: Reduction = "seq-mean-token-mean"
+
+
+class OpdObjective(Strict):
+    name: Literal["opd"]
+    top_k: int = Field(32, ge=1)  # only for the diagnostics (teacher/student mass, fkl)
+    reduction: Reduction = "seq-mean-token-mean"
+
+
+class GkdObjective(Strict):
+    name: Literal["gkd"]
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    top_k: int = Field(32, ge=1)
+    support: Support = "raw"
+    lmbda: float = Field(1.0, ge=0.0, le=1.0)  # probability of a student rollout (else a reference response)
+    reduction: Reduction = "seq-mean-token-mean"
+
+
+class SeqkdObjective(Strict):
+    name: Literal["seqkd"]
+    reduction: Reduction = "seq-mean-token-mean"
+
+
+class ExopdObjective(Strict):
+    name: Literal["exopd"]
+    lam: float = Field(1.25, ge=0.0)
+    top_k: int = Field(32, ge=1)
+    reduction: Reduction = "seq-mean-token-mean"
+
+
+Objective = Annotated[
+    Union[AopdObjective, OpdObjective, GkdObjective, SeqkdObjective, ExopdObjective],
+    Field(discriminator="name"),
+]
+OBJECTIVES = {"aopd": AopdObjective, "opd": OpdObjective, "gkd": GkdObjective, "seqkd": SeqkdObjective,
+              "exopd": ExopdObjective}
+
+
+class RolloutConfig(Strict):
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = Field(1, ge=1)  # samples per prompt
+    temperature: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(64, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vllm
+
+
+class TrainConfig(Strict):
+    steps: int = Field(100, ge=0)
+    lr: float = Field(1e-5, gt=0.0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1)  # prompts (or conversations) per optimizer step
+    micro_batch_size: int = Field(8, ge=1)  # sequences per forward/backward
+    grad_clip: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    save_every: int = Field(0, ge=0)  # 0: only at the end
+    log_every: int = Field(1, ge=1)
+
+
+class EvalConfig(Strict):
+    benchmarks: list[str] = []  # math benchmarks: aime24, aime25, hmmt25, lab_math, or local files
+    tool_benchmarks: list[str] = []  # toolalpaca (eval_simulated), toolalpaca_real, lab_tools
+    n: int = Field(8, ge=1)  # samples per problem
+    k: list[Annotated[int, Field(ge=1)]] = [1, 4]
+    temperature: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(1024, ge=1)
+    limit: int | None = Field(None, ge=1)  # problems per benchmark
+    batch_size: int = Field(64, ge=1)  # sequences per generate call
+    prompt_suffix: str = MATH_PROMPT_SUFFIX
+
+    @model_validator(mode="after")
+    def _k_le_n(self):
+        if any(k > self.n for k in self.k):
+            raise ValueError(f"every k must be <= n={self.n}, got k={self.k}")
+        return self
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None  # None: MLflow's default (sqlite:///mlflow.db in the working directory)
+    experiment: str = "aopd"
+    enabled: bool = True
+
+
+class WarmupConfig(Strict):
+    stage: Literal["warmup"]
+    student: ModelConfig
+    data: DataConfig
+    tool_data: DataConfig | None = None  # ToolAlpaca training conversations mixed in
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    output_dir: str = "outputs/warmup"
+    reuse_cached: bool = False  # reuse a checkpoint trained from the same config (content hash)
+
+
+class DistillConfig(Strict):
+    """`distill` (math prompts) and `continual` (tool prompts, math retention measured around it)."""
+
+    stage: Literal["distill", "continual"]
+    student: ModelConfig
+    teacher: ModelConfig
+    base: ModelConfig | None = None  # exopd's P_B; None: the student's starting weights
+    data: DataConfig
+    objective: Objective
+    rollout: RolloutConfig
+    train: TrainConfig
+    eval: EvalConfig
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    output_dir: str = "outputs/distill"
+
+
+class EvalStageConfig(Strict):
+    stage: Literal["eval"]
+    student: ModelConfig
+    rollout: RolloutConfig
+    eval: EvalConfig
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    output_dir: str = "outputs/eval"
+
+
+StageConfig = WarmupConfig | DistillConfig | EvalStageConfig
+STAGE_MODELS: dict[str, type[Strict]] = {
+    "warmup": WarmupConfig, "distill": DistillConfig, "continual": DistillConfig, "eval": EvalStageConfig,
+}
+
+
+class PipelineStage(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    stage: StageName
+    overrides: list[str] = []
+
+
+class Experiment(Strict):
+    name: str
+    description: str = ""
+    stages: list[PipelineStage]
+    table1: list[str] = []  # stage names whose eval rows form the Table 1 comparison
+    table2: list[str] = []  # continual stage names for the Table 2 comparison

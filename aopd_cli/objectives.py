@@ -1,0 +1,303 @@
+"""The losses of `method.md`, as pure torch functions of tensors, and their per-token diagnostics.
+
+Every objective works on the counted tokens only: `mask_BT` selects them and the per-token maths runs on
+flat `[N]` tensors (N = counted tokens), so padding and prompt positions never cost a vocabulary row.
+The student is given either as logits `[B,T,V]` or as an `LMHead` (hidden states and the output
+embedding); the `LMHead` path computes logits chunk by chunk and recomputes them in backward, so its
+peak memory is bounded by `chunk_size * V`, never by `B*T*V`.
+
+Reduction and micro-batching: a loss is `sum_t w_t * l_t` with the weights of `method.md`. Pass
+`normalizer=global_normalizer(full_batch_mask_BT, reduction)` when the batch is split into
+micro-batches (gradient accumulation, data parallelism): the micro-batch losses then add up to exactly the
+loss of the whole batch. Without it, the normaliser of the given batch is used.
+
+    python -m pytest tests/test_objectives.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Reduction = Literal["seq-mean-token-mean", "token-mean"]
+Support = Literal["raw", "renorm", "tail"]
+Intervention = Literal["threshold", "zero", "accuracy"]
+
+# Log-probabilities below this are clamped: an -inf from a scorer would otherwise turn into NaN
+# (0 * inf) in the divergences. exp(-1e4) is 0 in float32, so the value of every term is unchanged.
+LOGP_FLOOR = -1.0e4
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """What a teacher scorer returns for each response position."""
+
+    token_logprobs: torch.Tensor  # [B,T] log P_T of the sampled token
+    topk_ids: torch.Tensor  # [B,T,K] the K most likely ids, descending
+    topk_logprobs: torch.Tensor  # [B,T,K] their full-vocabulary log-probs
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: torch.Tensor  # 0-dim
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """The student's output layer: logits = hidden @ weight.T, computed chunk by chunk."""
+
+    hidden: torch.Tensor  # [B,T,H]
+    weight: torch.Tensor  # [V,H]
+    chunk_size: int = 1024
+
+
+@dataclass(frozen=True)
+class _StudentView:
+    token_logp_N: torch.Tensor  # log P_S(y_t), carries gradient
+    support_logp_NK: torch.Tensor | None  # log P_S(v) for v in S_t, carries gradient
+    entropy_N: torch.Tensor  # no gradient
+
+
+class _ChunkedGather(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T).gather(ids), without keeping [N,V] alive.
+
+    Backward recomputes each chunk's logits: d logp_j / d z = onehot(ids_j) - softmax(z).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, ids_NJ, chunk_size):
+        n_rows = hidden_NH.shape[0]
+        weight_f32_VH = _f32(weight_VH)
+        gathered_NJ = hidden_NH.new_empty(ids_NJ.shape, dtype=weight_f32_VH.dtype)
+        entropy_N = hidden_NH.new_empty(n_rows, dtype=weight_f32_VH.dtype)
+        for start in range(0, n_rows, chunk_size):
+            stop = min(start + chunk_size, n_rows)
+            logits_CV = _f32(hidden_NH[start:stop]) @ weight_f32_VH.T
+            logp_CV = torch.log_softmax(logits_CV, dim=-1)
+            gathered_NJ[start:stop] = logp_CV.gather(-1, ids_NJ[start:stop])
+            entropy_N[start:stop] = -(logp_CV.exp() * logp_CV).sum(-1)
+            del logits_CV, logp_CV
+        ctx.save_for_backward(hidden_NH, weight_VH, ids_NJ)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy_N)
+        return gathered_NJ, entropy_N
+
+    @staticmethod
+    def backward(ctx, grad_gathered_NJ, _grad_entropy_N):
+        hidden_NH, weight_VH, ids_NJ = ctx.saved_tensors
+        weight_f32_VH = _f32(weight_VH)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden_NH = torch.zeros_like(hidden_NH, dtype=weight_f32_VH.dtype) if want_hidden else None
+        grad_weight_VH = torch.zeros_like(weight_f32_VH) if want_weight else None
+        grad_gathered_NJ = grad_gathered_NJ.to(weight_f32_VH.dtype)
+        for start in range(0, hidden_NH.shape[0], ctx.chunk_size):
+            stop = min(start + ctx.chunk_size, hidden_NH.shape[0])
+            hidden_CH = hidden_NH[start:stop].to(weight_f32_VH.dtype)
+            probs_CV = torch.softmax(hidden_CH @ weight_f32_VH.T, dim=-1)
+            grad_CJ = grad_gathered_NJ[start:stop]
+            grad_logits_CV = probs_CV.mul_(-grad_CJ.sum(-1, keepdim=True))
+            grad_logits_CV.scatter_add_(-1, ids_NJ[start:stop], grad_CJ)
+            if want_hidden:
+                grad_hidden_NH[start:stop] = grad_logits_CV @ weight_f32_VH
+            if want_weight:
+                grad_weight_VH.addmm_(grad_logits_CV.T, hidden_CH)
+            del probs_CV, grad_logits_CV
+        return (
+            grad_hidden_NH.to(hidden_NH.dtype) if want_hidden else None,
+            grad_weight_VH.to(weight_VH.dtype) if want_weight else None,
+            None,
+            None,
+        )
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: bf16/fp16 are upcast, float64 (tests) is kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _student_view(student, tokens_BT, mask_BT, support_ids_BTK) -> _StudentView:
+    ids_NJ = tokens_BT[mask_BT].unsqueeze(-1)
+    if support_ids_BTK is not None:
+        ids_NJ = torch.cat([ids_NJ, support_ids_BTK[mask_BT]], dim=-1)
+    if isinstance(student, LMHead):
+        gathered_NJ, entropy_N = _ChunkedGather.apply(
+            student.hidden[mask_BT], student.weight, ids_NJ, student.chunk_size
+        )
+    else:
+        # float32 even for bf16 logits: log-softmax over a large vocabulary loses mass in bf16
+        logp_NV = torch.log_softmax(_f32(student[mask_BT]), dim=-1)
+        gathered_NJ = logp_NV.gather(-1, ids_NJ)
+        with torch.no_grad():
+            entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
+    support_logp_NK = gathered_NJ[:, 1:] if support_ids_BTK is not None else None
+    return _StudentView(gathered_NJ[:, 0], support_logp_NK, entropy_N)
+
+
+def global_normalizer(mask_BT: torch.Tensor, reduction: Reduction) -> int:
+    """The normaliser of a whole batch, to pass to each of its micro-batches."""
+    if reduction == "token-mean":
+        return int(mask_BT.sum())
+    return int((mask_BT.sum(-1) > 0).sum())
+
+
+def _reduce(loss_N, mask_BT, reduction: Reduction, normalizer) -> torch.Tensor:
+    if normalizer is None:
+        normalizer = global_normalizer(mask_BT, reduction)
+    if reduction == "token-mean":
+        return loss_N.sum() / max(normalizer, 1)
+    counts_B = mask_BT.sum(-1)
+    seq_N = _seq_index(mask_BT)
+    return (loss_N / counts_B[seq_N].to(loss_N.dtype)).sum() / max(normalizer, 1)
+
+
+def _seq_index(mask_BT) -> torch.Tensor:
+    rows_BT = torch.arange(mask_BT.shape[0], device=mask_BT.device).unsqueeze(-1).expand_as(mask_BT)
+    return rows_BT[mask_BT]
+
+
+def _log_tail(logp_NK) -> torch.Tensor:
+    # log(1 - sum_S P), clamped where the support holds all the mass (its tail term is then 0 anyway)
+    tail_N1 = -torch.expm1(torch.logsumexp(logp_NK, dim=-1, keepdim=True))
+    return torch.log(tail_N1.clamp_min(torch.finfo(logp_NK.dtype).tiny))
+
+
+def apply_support(teacher_logp_NK, student_logp_NK, support: Support):
+    """The two distributions on S_t under a support convention of method.md."""
+    if support == "raw":
+        return teacher_logp_NK, student_logp_NK
+    if support == "renorm":
+        return (
+            teacher_logp_NK - torch.logsumexp(teacher_logp_NK, -1, keepdim=True),
+            student_logp_NK - torch.logsumexp(student_logp_NK, -1, keepdim=True),
+        )
+    if support == "tail":
+        return (
+            torch.cat([teacher_logp_NK, _log_tail(teacher_logp_NK)], dim=-1),
+            torch.cat([student_logp_NK, _log_tail(student_logp_NK)], dim=-1),
+        )
+    raise ValueError(f"support must be raw, renorm or tail, got {support!r}")
+
+
+def divergence_beta(teacher_logp_NK, student_logp_NK, beta: float) -> torch.Tensor:
+    """D_beta per token: beta=1 forward KL(P_T||P_S), beta=0 reverse KL, in between the generalized JSD
+    with M = (1-beta) P_T + beta P_S (TRL's generalized_jsd_loss with beta_trl = 1 - beta)."""
+    teacher_p_NK, student_p_NK = teacher_logp_NK.exp(), student_logp_NK.exp()
+    if beta == 1.0:
+        return (teacher_p_NK * (teacher_logp_NK - student_logp_NK)).sum(-1)
+    if beta == 0.0:
+        return (student_p_NK * (student_logp_NK - teacher_logp_NK)).sum(-1)
+    mix_logp_NK = torch.logaddexp(teacher_logp_NK + math.log(1 - beta), student_logp_NK + math.log(beta))
+    return (1 - beta) * (teacher_p_NK * (teacher_logp_NK - mix_logp_NK)).sum(-1) + beta * (
+        student_p_NK * (student_logp_NK - mix_logp_NK)
+    ).sum(-1)
+
+
+def _quantile(values_N, q: float) -> float:
+    return float(torch.quantile(values_N.float(), q)) if values_N.numel() else 0.0
+
+
+def _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps: float) -> dict[str, float]:
+    metrics = {"entropy": float(view.entropy_N.mean()) if view.entropy_N.numel() else 0.0}
+    if teacher_token_logp_N is None:
+        return metrics
+    with torch.no_grad():
+        adv_N = teacher_token_logp_N - view.token_logp_N
+        student_logp_NK = view.support_logp_NK
+        count = adv_N.numel()
+        metrics.update(
+            adv_mean=float(adv_N.mean()) if count else 0.0,
+            adv_std=float(adv_N.std(unbiased=False)) if count else 0.0,
+            adv_p01=_quantile(adv_N, 0.01),
+            adv_p99=_quantile(adv_N, 0.99),
+            adv_neg_frac=float((adv_N < 0).float().mean()) if count else 0.0,
+            adv_zero_frac=float((adv_N.abs() <= zero_eps).float().mean()) if count else 0.0,
+            teacher_mass=float(teacher_topk_logp_NK.exp().sum(-1).mean()) if count else 0.0,
+            student_mass=float(student_logp_NK.exp().sum(-1).mean()) if count else 0.0,
+            fkl=float(divergence_beta(teacher_topk_logp_NK, student_logp_NK, 1.0).mean()) if count else 0.0,
+        )
+    return metrics
+
+
+def _teacher_flat(teacher: TeacherTopK, mask_BT):
+    return (
+        _f32(teacher.token_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
+        _f32(teacher.topk_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
+    )
+
+
+def opd_loss(student, tokens, mask, teacher: TeacherTopK, *, reduction: Reduction = "seq-mean-token-mean",
+             normalizer: int | None = None, zero_eps: float = 1e-2) -> ObjectiveOutput:
+    """On-policy distillation: -sg[log P_T(y_t) - log P_S(y_t)] * log P_S(y_t)."""
+    view = _student_view(student, tokens, mask, teacher.topk_ids)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    adv_N = teacher_token_logp_N - view.token_logp_N.detach()
+    loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
+    return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps))
+
+
+def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, beta: float = 1.0,
+              intervention: Intervention = "threshold", zero_eps: float = 1e-2,
+              correct: torch.Tensor | None = None, support: Support = "raw",
+              reduction: Reduction = "seq-mean-token-mean", normalizer: int | None = None) -> ObjectiveOutput:
+    """AOPD: G_t * D_beta(S_t)/K + (1 - G_t) * OPD, with the gate G_t of `intervention`."""
+    view = _student_view(student, tokens, mask, teacher.topk_ids)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    top_k = teacher.topk_ids.shape[-1]
+    student_token_logp_N = view.token_logp_N.detach()
+    adv_N = teacher_token_logp_N - student_token_logp_N
+    if intervention == "zero":
+        gate_N = adv_N.abs() <= zero_eps
+    elif tau <= -1.0:
+        # exactly OPD, even where P_T underflows to 0 while P_S rounds to 1
+        gate_N = torch.zeros_like(adv_N, dtype=torch.bool)
+    else:
+        # on probabilities, not log-probabilities (paper Eq. 9)
+        gate_N = (teacher_token_logp_N.exp() - student_token_logp_N.exp()) <= tau
+    if intervention == "accuracy":
+        if correct is None:
+            raise ValueError("intervention='accuracy' needs the per-sequence `correct` flags [B]")
+        gate_N = gate_N & ~correct.to(mask.device)[_seq_index(mask)]
+    guidance_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta) / top_k
+    loss_N = torch.where(gate_N, guidance_N, -adv_N * view.token_logp_N)
+    metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
+    metrics["intervention_ratio"] = float(gate_N.float().mean()) if gate_N.numel() else 0.0
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics)
+
+
+def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, support: Support = "raw",
+             reduction: Reduction = "seq-mean-token-mean", normalizer: int | None = None,
+             zero_eps: float = 1e-2) -> ObjectiveOutput:
+    """GKD: D_beta between teacher and student on the teacher's top-K support (no 1/K)."""
+    view = _student_view(student, tokens, mask, teacher.topk_ids)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    loss_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta)
+    metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics)
+
+
+def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: torch.Tensor, lam: float = 1.25,
+               reduction: Reduction = "seq-mean-token-mean", normalizer: int | None = None,
+               zero_eps: float = 1e-2) -> ObjectiveOutput:
+    """ExOPD: -A^ex * log P_S(y_t), A^ex = lam (log P_T - log P_B) - (log P_S - log P_B)."""
+    view = _student_view(student, tokens, mask, teacher.topk_ids)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    base_logp_N = _f32(base_logprobs[mask]).clamp_min(LOGP_FLOOR)
+    adv_N = lam * (teacher_token_logp_N - base_logp_N) - (view.token_logp_N.detach() - base_logp_N)
+    loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
+    metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
+    metrics["exadv_mean"] = float(adv_N.mean()) if adv_N.numel() else 0.0
+    return ObjectiveOutput(loss, metrics)
+
+
+def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-mean",
+               normalizer: int | None = None) -> ObjectiveOutput:
+    """SeqKD (and SFT): -log P_S(y_t) on given responses (teacher samples, or reference traces)."""
+    view = _student_view(student, tokens, mask, None)
+    loss = _reduce(-view.token_logp_N, mask, reduction, normalizer)
+    metrics = _diagnostics(view, None, None, 0.0)
+    metrics["nll"] = float(-view.token_logp_N.detach().mean()) if view.token_logp_N.numel() else 0.0
+    return ObjectiveOutput(loss, metrics)
