@@ -44,6 +44,7 @@ class TeacherTopK:
 class ObjectiveOutput:
     loss: torch.Tensor  # 0-dim
     metrics: dict[str, float]
+    advantages: torch.Tensor | None = None  # [N] detached K1 advantages of the counted tokens (histograms)
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def opd_loss(student, tokens, mask, teacher: TeacherTopK, *, reduction: Reductio
     teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
     adv_N = teacher_token_logp_N - view.token_logp_N.detach()
     loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
-    return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps))
+    return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps), adv_N)
 
 
 def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, beta: float = 1.0,
@@ -265,7 +266,7 @@ def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, 
     loss_N = torch.where(gate_N, guidance_N, -adv_N * view.token_logp_N)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     metrics["intervention_ratio"] = float(gate_N.float().mean()) if gate_N.numel() else 0.0
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics)
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N)
 
 
 def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, support: Support = "raw",
@@ -276,7 +277,8 @@ def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, 
     teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
     loss_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics)
+    adv_N = teacher_token_logp_N - view.token_logp_N.detach()
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N)
 
 
 def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: torch.Tensor, lam: float = 1.25,
@@ -290,7 +292,7 @@ def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: to
     loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     metrics["exadv_mean"] = float(adv_N.mean()) if adv_N.numel() else 0.0
-    return ObjectiveOutput(loss, metrics)
+    return ObjectiveOutput(loss, metrics, teacher_token_logp_N - view.token_logp_N.detach())
 
 
 def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-mean",

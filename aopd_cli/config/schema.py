@@ -54,7 +54,8 @@ class DataConfig(Strict):
     limit: int | None = Field(None, ge=1)
     min_difficulty: float | None = None
     on_bad_row: Literal["raise", "skip"] = "raise"
-    prompt_suffix: str = MATH_PROMPT_SUFFIX
+    prompt_suffix: str = MATH_PROMPT_SUFFIX  # math prompts
+    prompt_style: Literal["full", "compact"] = "full"  # tool prompts: ToolAlpaca's ReAct prompt, or names only
 
 
 class AopdObjective(Strict):
@@ -136,6 +137,7 @@ class EvalConfig(Strict):
     limit: int | None = Field(None, ge=1)  # problems per benchmark
     batch_size: int = Field(64, ge=1)  # sequences per generate call
     prompt_suffix: str = MATH_PROMPT_SUFFIX
+    tool_prompt_style: Literal["full", "compact"] = "full"
 
     @model_validator(mode="after")
     def _k_le_n(self):

@@ -1,0 +1,75 @@
+"""Rollouts behind one small interface: `Rollout(generate, sync_weights)`.
+
+`generate(prompts_ids, n, temperature, max_new_tokens, seed)` returns a `RolloutBatch`; `sync_weights()`
+must be called after every optimizer step (an engine holding its own copy of the weights, like vLLM,
+otherwise samples from stale weights). `hf` runs in-process; `vllm` is imported only when chosen.
+
+    python -m pytest tests/test_engine.py -q -k rollout
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids_BP: torch.Tensor  # left-padded
+    prompt_mask_BP: torch.Tensor
+    response_ids_BR: torch.Tensor  # right-padded
+    response_mask_BR: torch.Tensor  # true up to and including the first stop token
+    prompt_index_B: list[int]  # which prompt each row samples
+
+    def rows(self, index: slice | list[int]) -> "RolloutBatch":
+        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t[torch.tensor(index)])
+        prompt_index = self.prompt_index_B[index] if isinstance(index, slice) else \
+            [self.prompt_index_B[i] for i in index]
+        return RolloutBatch(pick(self.prompt_ids_BP), pick(self.prompt_mask_BP), pick(self.response_ids_BR),
+                            pick(self.response_mask_BR), prompt_index)
+
+
+@dataclass
+class Rollout:
+    generate: Callable[..., RolloutBatch]
+    sync_weights: Callable[[], None]
+
+
+def make_rollout(engine: str, policy, rollout_cfg, batch_size: int = 256) -> Rollout:
+    if engine == "vllm":
+        from aopd_cli.rollout.vllm import vllm_rollout
+
+        return vllm_rollout(policy, rollout_cfg)
+    from aopd_cli.rollout.hf import hf_rollout
+
+    return hf_rollout(policy, batch_size)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = width or max(1, max(len(s) for s in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        seq = seq[:width]
+        ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, :len(seq)] = True
+    return ids, mask
+
+
+def mask_through_first_stop(response_ids_BR: torch.Tensor, stop_ids: set[int], valid_BR=None) -> torch.Tensor:
+    """True up to and including the first stop token of each row (and only on generated tokens)."""
+    is_stop_BR = torch.isin(response_ids_BR, torch.tensor(sorted(stop_ids), device=response_ids_BR.device))
+    before_or_at_BR = (is_stop_BR.long().cumsum(-1) - is_stop_BR.long()) == 0
+    return before_or_at_BR if valid_BR is None else before_or_at_BR & valid_BR

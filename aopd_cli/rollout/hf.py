@@ -1,0 +1,44 @@
+"""In-process rollouts with HF `generate`: batched, KV cache, n samples per prompt, temperature sampling
+over the full vocabulary (no top-k, no top-p), stop on EOS and on the end-of-turn token.
+
+    python -m pytest tests/test_engine.py -q -k rollout
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+
+
+def hf_rollout(policy, batch_size: int = 256) -> Rollout:
+    def generate(prompts_ids: list[list[int]], *, n: int, temperature: float, max_new_tokens: int,
+                 seed: int | None = None) -> RolloutBatch:
+        from transformers import GenerationConfig
+
+        rows = [(index, ids) for index, ids in enumerate(prompts_ids) for _ in range(n)]
+        pad_id = policy.tokenizer.pad_token_id
+        gen_config = GenerationConfig(
+            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(policy.stop_ids), pad_token_id=pad_id, use_cache=True,
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        prompt_ids, prompt_mask = left_pad([ids for _, ids in rows], pad_id)
+        responses: list[list[int]] = []
+        was_training = policy.model.training
+        policy.model.eval()
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                chunk_ids = prompt_ids[start:start + batch_size].to(policy.device)
+                chunk_mask = prompt_mask[start:start + batch_size].to(policy.device)
+                out = policy.model.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
+                                            generation_config=gen_config)
+                responses += out[:, chunk_ids.shape[1]:].cpu().tolist()
+        policy.model.train(was_training)
+        response_ids, generated = right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
+        response_mask = mask_through_first_stop(response_ids, policy.stop_ids, generated)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, [index for index, _ in rows])
+
+    # the rollout samples from the very model being trained: nothing to copy
+    return Rollout(generate=generate, sync_weights=lambda: None)

@@ -1,0 +1,46 @@
+"""`aopd continual`: the distillation loop on tool-use prompts (ToolAlpaca format), with the math
+benchmarks evaluated before and after it (paper Table 2): tool success, math average Pass@k before and
+after, and the change.
+
+    aopd continual train.steps=10
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aopd_cli.data.loaders import load_data
+from aopd_cli.engine import seed_everything
+from aopd_cli.rollout import make_rollout
+from aopd_cli.stages.common import open_run
+from aopd_cli.stages.distill import distill_loop, load_models, save_histogram
+from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
+
+
+def run_continual(config, *, parent_run_id: str | None = None, run_name: str | None = None) -> Path:
+    seed_everything(config.seed)
+    records = load_data(config.data, "tool_train")
+    student, teacher, base = load_models(config)
+    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id)
+    status = "FAILED"
+    try:
+        eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
+        before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+        tracker.log_metrics(before, step=0)
+        checkpoint, advantages = distill_loop(config, tracker, records, student, teacher, base)
+        after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+        retention = {}
+        for k in config.eval.k:
+            key = f"eval/math_avg/pass_at_{k}"
+            if key in before:
+                retention |= {f"retention/math_pass_at_{k}_before": before[key],
+                              f"retention/math_pass_at_{k}_after": after[key],
+                              f"retention/math_pass_at_{k}_change": after[key] - before[key]}
+        tracker.log_metrics({**after, **retention}, step=config.train.steps)
+        print_metrics(f"continual {run_name or config.objective.name}", {**after, **retention}, config.eval)
+        tracker.log_artifact(save_histogram(advantages, Path(config.output_dir) / "advantages.png",
+                                            f"Advantages seen in continual training ({config.objective.name})"))
+        status = "FINISHED"
+        return checkpoint
+    finally:
+        tracker.close(status)
