@@ -161,6 +161,8 @@ def load_experiment(name_or_path: str) -> Experiment:
         raise ConfigError(f"experiment={name_or_path}: no such experiment; allowed: {', '.join(options)}")
     try:
         return Experiment.model_validate(yaml.safe_load(path.read_text()))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"experiment file {path}: not valid YAML: {err}") from None
     except ValidationError as err:
         raise ConfigError(f"experiment file {path}: {_validation_message(err, {})}") from None
 

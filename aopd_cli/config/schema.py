@@ -208,5 +208,5 @@ class Experiment(Strict):
     name: str
     description: str = ""
     stages: list[PipelineStage]
-    table1: list[str] = []  # stage names whose eval rows form the Table 1 comparison
-    table2: list[str] = []  # continual stage names for the Table 2 comparison
+    table1: dict[str, str] = {}  # row label -> eval stage (Pass@1 / Pass@4 per benchmark)
+    table2: dict[str, tuple[str, str]] = {}  # row label -> (eval before continual, eval after continual)

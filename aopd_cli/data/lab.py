@@ -16,7 +16,7 @@ import string
 import sys
 from pathlib import Path
 
-LAB_VERSION = "v1"  # bump when the generated data or tokenizer changes: the cache key includes it
+LAB_VERSION = "v2"  # bump when the generated data or tokenizer changes: the cache key includes it
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -37,7 +37,7 @@ def lab_dir() -> Path:
 
 # ---------------------------------------------------------------- arithmetic
 def _problem(rng: random.Random) -> tuple[str, str, str, int]:
-    """'compute 7*3-5+9 left to right.', the worked chain, the answer, the number of operations."""
+    """'7*3-5+9=?' (evaluated left to right), the worked chain, the answer, the number of operations."""
     n_ops = rng.randint(1, 3)
     value = rng.randint(1, 9)
     expression, steps = str(value), []
@@ -47,7 +47,7 @@ def _problem(rng: random.Random) -> tuple[str, str, str, int]:
         steps.append(f"{value}{op}{operand}={new}")
         expression += f"{op}{operand}"
         value = new
-    return f"compute {expression} left to right.", " ".join(steps), str(value), n_ops
+    return f"{expression}=?", " ".join(steps), str(value), n_ops
 
 
 def _math_rows(seed: int, count: int, exclude: set[str]) -> list[tuple[str, str, str, int]]:

@@ -2,8 +2,8 @@
 
 - math: the problem plus the suffix of method.md in the user turn.
 - tools: ToolAlpaca's ReAct prompt (`test_v1`) built from the function descriptions plus getDetails
-  ("full"), or a short one listing only the function names ("compact", the lab's: char-level models
-  pay for every character).
+  ("full"), or the bare instruction answered with plain `Action:` lines ("compact", the lab's: its
+  char-level models pay for every character, and learn the APIs from their training data).
 - SFT: token ids of a conversation and the mask of its assistant tokens (the only ones trained).
 
     python -m pytest tests/test_data.py -q -k prompt
@@ -30,20 +30,22 @@ def math_messages(problem: str, suffix: str) -> list[dict]:
 
 
 def tool_messages(record: dict, style: str) -> list[dict]:
-    names = list(record["functions"]) + ["getDetails"]
     if style == "compact":
-        return [{"role": "user", "content": f"tools: {', '.join(names)}\n{record['instruction']}"}]
+        return [{"role": "user", "content": record["instruction"]}]
+    names = list(record["functions"]) + ["getDetails"]
     tools = "\n".join(f"{name}: {text}" for name, text in record["functions"].items()) + "\n" + GET_DETAILS
     body = (f"{TOOL_PREFIX}\n{tools}\n\n{TOOL_FORMAT.format(names=', '.join(names))}\n\n"
             f"Begin!\n\nUSER: {record['instruction']}")
     return [{"role": "user", "content": body}]
 
 
-def _call_text(step: dict, with_thought: bool) -> str:
+def _call_text(step: dict, full: bool) -> str:
     action_input = step["action_input"]
     if not isinstance(action_input, str):
         action_input = json.dumps(action_input)
-    thought = f"ASSISTANT Thought: {step['thought']}\n" if with_thought and step.get("thought") else ""
+    if not full:
+        return f"Action: {step['action']}\nAction Input: {action_input}\n"
+    thought = f"ASSISTANT Thought: {step['thought']}\n" if step.get("thought") else ""
     return f"{thought}ASSISTANT Action: {step['action']}\nASSISTANT Action Input: {action_input}\n"
 
 

@@ -1,0 +1,171 @@
+"""`aopd pipeline`: an experiment's stages in order (`experiments/NAME.yaml`), checkpoints passed along,
+one MLflow run per stage under a parent run, then the comparison shaped like the paper's Tables 1 and 2.
+
+In an experiment file, `student.path=@teacher` means "the checkpoint of the stage named teacher". Every
+stage's config is composed and validated before the first stage starts. Command-line overrides:
+`experiment=NAME`, `output_dir=DIR` (root of the stage folders), `STAGE.key=value` (one stage), and
+`key=value` (every stage that has the key).
+
+    aopd pipeline experiment=lab_smoke
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aopd_cli.config.compose import ConfigError, load_experiment, load_stage_config, to_yaml
+from aopd_cli.config.schema import Experiment
+
+
+@dataclass
+class Plan:
+    experiment: Experiment
+    configs: dict[str, object]  # stage name -> validated config
+    root: Path
+    extra_tags: dict[str, str]
+
+
+def _checkpoint_of(config) -> Path:
+    if config.stage == "warmup" and config.reuse_cached:
+        from aopd_cli.stages.warmup import cached_checkpoint
+
+        return cached_checkpoint(config)
+    return Path(config.output_dir) / "checkpoint"
+
+
+def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None) -> Plan:
+    experiment_name, root, targeted, shared = "lab", None, {}, []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            raise ConfigError(f"{override!r}: expected key=value")
+        head, _, rest = key.partition(".")
+        if key == "experiment":
+            experiment_name = value
+        elif key == "output_dir":
+            root = value
+        elif rest and head not in ("objective", "train", "eval", "rollout", "data", "student", "teacher", "base",
+                                   "tracking", "tool_data"):
+            targeted.setdefault(head, []).append(f"{rest}={value}")
+        else:
+            shared.append(override)
+    experiment = load_experiment(experiment_name)
+    names = [s.name for s in experiment.stages]
+    for head in targeted:
+        if head not in names:
+            raise ConfigError(f"{head}.{targeted[head][0]}: no stage named {head!r} in experiment "
+                              f"{experiment.name!r}; stages: {', '.join(names)}")
+    root_dir = Path(root or f"outputs/{experiment.name}")
+    configs: dict[str, object] = {}
+    used = {o: False for o in shared}
+    for stage in experiment.stages:
+        resolved = [_resolve(o, configs, stage.name) for o in stage.overrides]
+        base = resolved + [f"output_dir={root_dir / stage.name}"] + targeted.get(stage.name, [])
+        accepted = [o for o in shared if _accepts(stage.stage, base, o)]
+        for o in accepted:
+            used[o] = True
+        configs[stage.name] = load_stage_config(stage.stage, base + accepted)
+    unused = [o for o, ok in used.items() if not ok]
+    if unused:
+        load_stage_config(experiment.stages[-1].stage, [unused[0]])  # raises the precise message
+        raise ConfigError(f"{unused[0]}: no stage of experiment {experiment.name!r} has this key")
+    return Plan(experiment, configs, root_dir, extra_tags or {})
+
+
+def _resolve(override: str, done: dict, stage_name: str) -> str:
+    key, _, value = override.partition("=")
+    if not value.startswith("@"):
+        return override
+    source = value[1:]
+    if source not in done:
+        raise ConfigError(f"stage {stage_name!r}: {override!r} refers to {source!r}, which is not an earlier stage")
+    return f"{key}={_checkpoint_of(done[source])}"
+
+
+def _accepts(stage: str, base: list[str], override: str) -> bool:
+    """Does this stage have the key? Unknown keys skip the stage; bad values still refuse."""
+    try:
+        load_stage_config(stage, base + [override])
+    except ConfigError as err:
+        if "unknown key" in str(err) or "no such option" in str(err):
+            return False
+        raise
+    return True
+
+
+def plan_yaml(plan: Plan) -> str:
+    return "".join(f"# --- {name} ({config.stage})\n{to_yaml(config)}" for name, config in plan.configs.items())
+
+
+def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
+    from rich.console import Console
+
+    from aopd_cli.stages import run_stage
+    from aopd_cli.tracking import start_run
+
+    console = Console()
+    first = next(iter(plan.configs.values()))
+    parent = start_run(first.tracking, run_name=f"pipeline:{plan.experiment.name}",
+                       tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
+                       parent_run_id=parent_run_id)
+    results, status = {}, "FAILED"
+    try:
+        import time
+
+        timings = {}
+        for name, config in plan.configs.items():
+            console.rule(f"[bold]{plan.experiment.name}: {name} ({config.stage})")
+            started = time.perf_counter()
+            results[name] = run_stage(config, parent_run_id=parent.run_id, run_name=name)
+            timings[name] = time.perf_counter() - started
+            parent.log_metrics({f"time/stage_{name}_s": timings[name]})
+        report = comparison_report(plan.experiment, results, timings)
+        console.print(report)
+        plan.root.mkdir(parents=True, exist_ok=True)
+        (plan.root / "comparison.md").write_text(report)
+        parent.log_artifact(plan.root / "comparison.md")
+        status = "FINISHED"
+        return results
+    finally:
+        parent.close(status)
+
+
+def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:
+    """Markdown tables shaped like the paper's Table 1 (Pass@1 / Pass@4) and Table 2 (continual)."""
+    lines = [f"# {experiment.name}: comparison", ""]
+    if experiment.table1:
+        benches = sorted({key.split("/")[1] for label, stage in experiment.table1.items()
+                          for key in results.get(stage, {}) if key.endswith("pass_at_1") and "math_avg" not in key})
+        lines += ["## Table 1: Pass@1 / Pass@4", "",
+                  "| model | " + " | ".join(benches + ["average"]) + " |", "|---" * (len(benches) + 2) + "|"]
+        for label, stage in experiment.table1.items():
+            metrics = results.get(stage, {})
+            cells = [_pair(metrics, b) for b in benches + ["math_avg"]]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if experiment.table2:
+        lines += ["## Table 2: continual learning on tools", "",
+                  "| method | tool success | tool first call | math Pass@4 before | after | change |",
+                  "|---|---|---|---|---|---|"]
+        for label, (before_stage, after_stage) in experiment.table2.items():
+            before, after = results.get(before_stage, {}), results.get(after_stage, {})
+            tool_key = next((k for k in after if k.endswith("/success")), None)
+            first_key = next((k for k in after if k.endswith("/first_call")), None)
+            b, a = before.get("eval/math_avg/pass_at_4"), after.get("eval/math_avg/pass_at_4")
+            lines.append(f"| {label} | {_num(after.get(tool_key))} | {_num(after.get(first_key))} | {_num(b)} | "
+                         f"{_num(a)} | {_num(a - b if a is not None and b is not None else None, sign=True)} |")
+        lines.append("")
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _pair(metrics: dict, bench: str) -> str:
+    return f"{_num(metrics.get(f'eval/{bench}/pass_at_1'))} / {_num(metrics.get(f'eval/{bench}/pass_at_4'))}"
+
+
+def _num(value, sign: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
