@@ -80,7 +80,8 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _is_local(path: str) -> bool:
     """A path that exists, or that cannot be a hub id ("org/name")."""
-    return Path(path).expanduser().exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or \
+        not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
 
 
 def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int = 0) -> Policy:

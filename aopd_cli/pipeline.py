@@ -51,6 +51,7 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         else:
             shared.append(override)
     experiment = load_experiment(experiment_name)
+    shared = list(experiment.overrides) + shared
     names = [s.name for s in experiment.stages]
     for head in targeted:
         if head not in names:

@@ -208,5 +208,6 @@ class Experiment(Strict):
     name: str
     description: str = ""
     stages: list[PipelineStage]
+    overrides: list[str] = []  # for every stage that has the key (like `key=value` on the command line)
     table1: dict[str, str] = {}  # row label -> eval stage (Pass@1 / Pass@4 per benchmark)
     table2: dict[str, tuple[str, str]] = {}  # row label -> (eval before continual, eval after continual)
