@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from aopd_cli.config.compose import ConfigError, load_experiment, load_stage_config, to_yaml
+from aopd_cli.config.compose import ConfigError, compose_dict, load_experiment, load_stage_config, to_yaml
 from aopd_cli.config.schema import Experiment
 
 
@@ -85,9 +85,9 @@ def _resolve(override: str, done: dict, stage_name: str) -> str:
 
 
 def _accepts(stage: str, base: list[str], override: str) -> bool:
-    """Does this stage have the key? Unknown keys skip the stage; bad values still refuse."""
+    """Does this stage have the key? Unknown keys skip the stage; values are validated with the rest."""
     try:
-        load_stage_config(stage, base + [override])
+        compose_dict(stage, base + [override])
     except ConfigError as err:
         if "unknown key" in str(err) or "no such option" in str(err):
             return False
