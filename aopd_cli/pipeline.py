@@ -51,7 +51,6 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         else:
             shared.append(override)
     experiment = load_experiment(experiment_name)
-    shared = list(experiment.overrides) + shared
     names = [s.name for s in experiment.stages]
     for head in targeted:
         if head not in names:
@@ -61,15 +60,16 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
     configs: dict[str, object] = {}
     used = {o: False for o in shared}
     for stage in experiment.stages:
-        resolved = [_resolve(o, configs, stage.name) for o in stage.overrides]
-        base = resolved + [f"output_dir={root_dir / stage.name}"] + targeted.get(stage.name, [])
-        accepted = [o for o in shared if _accepts(stage.stage, base, o)]
-        for o in accepted:
-            used[o] = True
-        configs[stage.name] = load_stage_config(stage.stage, base + accepted)
+        # precedence, lowest first: the experiment's shared overrides, the stage's own, the command line's
+        own = [_resolve(o, configs, stage.name) for o in stage.overrides] + [f"output_dir={root_dir / stage.name}"]
+        composed = [o for o in experiment.overrides if _accepts(stage.stage, own, o)] + own
+        for o in shared:
+            if _accepts(stage.stage, composed, o):
+                used[o] = True
+                composed.append(o)
+        configs[stage.name] = load_stage_config(stage.stage, composed + targeted.get(stage.name, []))
     unused = [o for o, ok in used.items() if not ok]
     if unused:
-        load_stage_config(experiment.stages[-1].stage, [unused[0]])  # raises the precise message
         raise ConfigError(f"{unused[0]}: no stage of experiment {experiment.name!r} has this key")
     return Plan(experiment, configs, root_dir, extra_tags or {})
 

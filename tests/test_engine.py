@@ -1,0 +1,115 @@
+"""Engine pieces: checkpoints, compatibility checks, rollout masks, the teacher scorer, accumulation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from aopd_cli.config.schema import LabArch, ModelConfig, TrainConfig
+from aopd_cli.engine import (MicroBatch, check_compatible, load_policy, load_training_state, make_optimizer,
+                             save_checkpoint, update)
+from aopd_cli.errors import UserError
+from aopd_cli.objectives import global_normalizer, seqkd_loss
+from aopd_cli.rollout import make_rollout, mask_through_first_stop
+from aopd_cli.teacher import hf_scorer
+
+TINY = ModelConfig(arch=LabArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
+                                intermediate_size=64))
+
+
+@pytest.fixture
+def policy(lab_cache):
+    return load_policy(TINY, role="student", device=torch.device("cpu"), seed=0)
+
+
+def test_checkpoint_round_trips_weights_tokenizer_and_state(policy, tmp_path):
+    optimizer, scheduler = make_optimizer(policy.model, TrainConfig(steps=3, lr=1e-3))
+    path = save_checkpoint(policy, tmp_path / "ckpt", config_yaml="stage: warmup\n", optimizer=optimizer,
+                           scheduler=scheduler, step=7)
+    loaded = load_policy(ModelConfig(path=str(path)), role="student", device=torch.device("cpu"))
+    for (name, a), (_, b) in zip(policy.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.tokenizer.get_vocab() == policy.tokenizer.get_vocab() and loaded.stop_ids == policy.stop_ids
+    state = load_training_state(path)
+    assert state["step"] == 7 and "optimizer" in state and (path / "aopd_config.yaml").read_text() == "stage: warmup\n"
+    assert (path / "model.safetensors").is_file()
+
+
+def test_a_killed_save_never_leaves_a_partial_checkpoint_in_place(policy, tmp_path, lab_cache):
+    target = tmp_path / "ckpt"
+    save_checkpoint(policy, target, config_yaml="first\n", step=1)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from aopd_cli.config.schema import ModelConfig
+        from aopd_cli.engine import load_policy, save_checkpoint
+        policy = load_policy(ModelConfig(path={str(target)!r}), role="student", device=torch.device("cpu"))
+        torch.save = lambda *a, **k: os.kill(os.getpid(), 9)  # die in the middle of writing
+        save_checkpoint(policy, {str(target)!r}, config_yaml="second\\n", step=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "AOPD_CACHE": str(lab_cache)})
+    assert result.returncode == -9
+    assert (target / "aopd_config.yaml").read_text() == "first\n"  # the old checkpoint, whole
+    assert load_training_state(target)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["ckpt"]
+
+
+def test_missing_checkpoint_and_mismatched_vocabulary_are_refused(policy, tmp_path):
+    with pytest.raises(UserError, match="student.path: no checkpoint"):
+        load_policy(ModelConfig(path=str(tmp_path / "none")), role="student")
+    other = load_policy(TINY, role="teacher", device=torch.device("cpu"))
+    other.tokenizer.add_tokens(["<extra>"])
+    other.model.resize_token_embeddings(len(other.tokenizer))
+    with pytest.raises(UserError, match=r"teacher cannot score.*output vocabulary 103 vs the student's 102"):
+        check_compatible(policy, other, "teacher")
+
+
+def test_response_mask_ends_at_the_first_stop_token():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [2, 5, 5, 5, 5], [5, 5, 5, 5, 5]])
+    mask = mask_through_first_stop(ids, {2})
+    assert mask.tolist() == [[True, True, True, False, False], [True, False, False, False, False], [True] * 5]
+
+
+def test_rollouts_sample_n_per_prompt_and_stop(policy):
+    rollout = make_rollout("hf", policy, None)
+    batch = rollout.generate([[1, 20, 21], [1, 22]], n=3, temperature=1.0, max_new_tokens=5, seed=0)
+    assert batch.prompt_index_B == [0, 0, 0, 1, 1, 1] and batch.response_ids_BR.shape[0] == 6
+    again = rollout.generate([[1, 20, 21], [1, 22]], n=3, temperature=1.0, max_new_tokens=5, seed=0)
+    assert torch.equal(batch.response_ids_BR, again.response_ids_BR)  # seeded sampling is reproducible
+    for ids, mask in zip(batch.response_ids_BR, batch.response_mask_BR):
+        stops = [i for i, t in enumerate(ids.tolist()) if t in policy.stop_ids]
+        assert mask.sum() == (stops[0] + 1 if stops else mask.shape[0] if mask.all() else mask.sum())
+
+
+def test_teacher_scorer_returns_full_vocabulary_topk_and_token_logprobs(policy):
+    ids = torch.tensor([[0, 1, 30, 31, 32, 33]])
+    micro = MicroBatch(ids, torch.tensor([[0, 1, 1, 1, 1, 1]]), 3, torch.ones(1, 3, dtype=torch.bool))
+    scored = hf_scorer(policy, 4)(micro)
+    position_ids = torch.tensor([[0, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        logp = torch.log_softmax(policy.model(ids, attention_mask=micro.attn_BL, position_ids=position_ids).logits, -1)
+    expected = logp[:, 2:5]
+    assert torch.allclose(scored.token_logprobs, expected.gather(-1, ids[:, 3:, None])[..., 0], atol=1e-5)
+    assert torch.allclose(scored.topk_logprobs, expected.topk(4, -1).values, atol=1e-5)
+
+
+def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
+    results = []
+    for micro_size in (2, 5):
+        policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0)
+        optimizer, scheduler = make_optimizer(policy.model, TrainConfig(lr=1e-2))
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 90, (5, 9), generator=gen)
+        mask = torch.rand(5, 8, generator=gen) > 0.3
+        attn = torch.ones_like(ids)
+        micro = [MicroBatch(ids[s:s + micro_size], attn[s:s + micro_size], 1, mask[s:s + micro_size])
+                 for s in range(0, 5, micro_size)]
+        loss, grad_norm, _ = update(policy, optimizer, scheduler, micro,
+                                    lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
+                                    global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
+        results.append((loss, grad_norm, next(policy.model.parameters()).detach().clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-4)
+    assert torch.allclose(results[0][2], results[1][2], atol=1e-6)
