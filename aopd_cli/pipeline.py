@@ -118,7 +118,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
         for name, config in plan.configs.items():
             console.rule(f"[bold]{plan.experiment.name}: {name} ({config.stage})")
             started = time.perf_counter()
-            results[name] = run_stage(config, parent_run_id=parent.run_id, run_name=name)
+            results[name] = run_stage(config, parent_run_id=parent.run_id, run_name=name, tags=plan.extra_tags)
             timings[name] = time.perf_counter() - started
             parent.log_metrics({f"time/stage_{name}_s": timings[name]})
         report = comparison_report(plan.experiment, results, timings)

@@ -24,16 +24,17 @@ class StepBatch:
     metrics: dict[str, float] = field(default_factory=dict)  # timings, response length
 
 
-def open_run(config, *, run_name: str | None, parent_run_id: str | None):
+def open_run(config, *, run_name: str | None, parent_run_id: str | None, tags: dict[str, str] | None = None):
     """The stage's tracked run: flattened config as params, tags, the resolved config as an artifact."""
     from aopd_cli.config.compose import flatten, to_yaml
     from aopd_cli.tracking import start_run
 
-    tags = {"stage": config.stage, "seed": str(config.seed)}
+    all_tags = {**(tags or {}), "stage": config.stage, "seed": str(config.seed)}
     objective = getattr(config, "objective", None)
     if objective is not None:
-        tags["objective"] = objective.name
-    tracker = start_run(config.tracking, run_name=run_name or config.stage, tags=tags, parent_run_id=parent_run_id)
+        all_tags["objective"] = objective.name
+    tracker = start_run(config.tracking, run_name=run_name or config.stage, tags=all_tags,
+                        parent_run_id=parent_run_id)
     tracker.log_params(flatten(config.model_dump(mode="json")))
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

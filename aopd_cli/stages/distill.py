@@ -133,6 +133,14 @@ def _grade(policy, batch: RolloutBatch, answers: list[str]) -> torch.Tensor:
     return torch.tensor([grade_math(text, answer) for text, answer in zip(texts, answers)], dtype=torch.bool)
 
 
+def save_advantages(advantages: torch.Tensor, path: Path) -> Path:
+    """The raw sample of advantages, for `aopd compare`'s overlaid histograms."""
+    import numpy as np
+
+    np.save(path, advantages.numpy())
+    return path
+
+
 def save_histogram(advantages: torch.Tensor, path: Path, title: str) -> Path:
     import matplotlib
 
@@ -149,11 +157,12 @@ def save_histogram(advantages: torch.Tensor, path: Path, title: str) -> Path:
     return path
 
 
-def run_distill(config, *, parent_run_id: str | None = None, run_name: str | None = None) -> Path:
+def run_distill(config, *, parent_run_id: str | None = None, run_name: str | None = None,
+                tags: dict[str, str] | None = None) -> Path:
     seed_everything(config.seed)
     records = load_data(config.data, "prompts")
     student, teacher, base = load_models(config)
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id)
+    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
     status = "FAILED"
     try:
         eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
@@ -167,6 +176,7 @@ def run_distill(config, *, parent_run_id: str | None = None, run_name: str | Non
         metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed + config.train.steps)[0]
         tracker.log_metrics(metrics, step=config.train.steps)
         print_metrics(f"distill {run_name or config.objective.name}", metrics, config.eval)
+        tracker.log_artifact(save_advantages(advantages, Path(config.output_dir) / "advantages.npy"))
         tracker.log_artifact(save_histogram(advantages, Path(config.output_dir) / "advantages.png",
                                             f"Advantages seen in training ({config.objective.name})"))
         status = "FINISHED"

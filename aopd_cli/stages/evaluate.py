@@ -84,14 +84,15 @@ def print_metrics(title: str, metrics: dict[str, float], eval_cfg) -> None:
     Console().print(table)
 
 
-def run_eval(config, *, parent_run_id: str | None = None, run_name: str | None = None) -> dict[str, float]:
+def run_eval(config, *, parent_run_id: str | None = None, run_name: str | None = None,
+                tags: dict[str, str] | None = None) -> dict[str, float]:
     from aopd_cli.engine import load_policy, seed_everything
     from aopd_cli.rollout import make_rollout
     from aopd_cli.stages.common import open_run
 
     seed_everything(config.seed)
     policy = load_policy(config.student, role="student", seed=config.seed)
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id)
+    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
     status = "FAILED"
     try:
         rollout = make_rollout(config.rollout.engine, policy, config.rollout, config.eval.batch_size)

@@ -38,12 +38,13 @@ def cached_checkpoint(config) -> Path:
     return cache_root() / "checkpoints" / f"warmup-{cache_key(config)}"
 
 
-def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None = None) -> Path:
+def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None = None,
+                tags: dict[str, str] | None = None) -> Path:
     seed_everything(config.seed)
     cached = cached_checkpoint(config)
     if config.reuse_cached and (cached / "config.json").is_file():
         print(f"aopd: reusing the cached warm-up checkpoint {cached} (same config, hash {cache_key(config)})")
-        tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id)
+        tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
         tracker.set_tags({"reused_checkpoint": str(cached)})
         tracker.close()
         return cached
@@ -53,7 +54,7 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
                           for r in load_data(config.tool_data, "tool_train")]
     policy = load_policy(config.student, role="student", seed=config.seed)
     examples = [sft_example(policy.tokenizer, messages, policy.stop_ids) for messages in conversations]
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id)
+    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
     status = "FAILED"
     try:
         rng, train = random.Random(config.seed), config.train

@@ -1,0 +1,106 @@
+"""`aopd compare`: a table of final metrics grouped by method and swept values (mean ± std over seeds),
+exported as CSV and Markdown, and PNG plots of the paper's figures, from the MLflow store.
+
+Runs are grouped by (stage, objective, swept values other than the seed); with `--parent` only the
+descendants of that run count, and the plots are also logged to it.
+
+    aopd compare --out outputs/compare
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from aopd_cli.errors import UserError
+
+CURVES = {  # file name -> (metric, title, y label)
+    "pass_at_1_vs_step.png": ("eval/{bench}/pass_at_1", "Pass@1 during distillation (paper Fig. 6)", "Pass@1"),
+    "intervention_ratio_vs_step.png": ("train/intervention_ratio", "AOPD intervention ratio (paper Fig. 4c)",
+                                       "share of tokens with G_t = 1"),
+    "entropy_vs_step.png": ("train/entropy", "Student entropy on its rollouts (paper Fig. 5)", "mean entropy (nats)"),
+    "grad_norm_vs_step.png": ("train/grad_norm", "Gradient norm (paper Fig. 4a)", "gradient norm (before clipping)"),
+}
+
+
+def _descendants(runs, parent_id: str) -> list:
+    children = defaultdict(list)
+    for run in runs:
+        children[run.data.tags.get("mlflow.parentRunId")].append(run)
+    found, frontier = [], [parent_id]
+    while frontier:
+        for run in children.get(frontier.pop(), []):
+            found.append(run)
+            frontier.append(run.info.run_id)
+    return found
+
+
+def _is_final_metric(key: str) -> bool:
+    if key.startswith("retention/"):
+        return True
+    return key.startswith("eval/") and ("/pass_at_" in key or key.endswith(("/success", "/first_call")))
+
+
+def group_label(run) -> str:
+    tags = run.data.tags
+    swept = [f"{k[len('sweep.'):].replace('objective.', '')}={v}" for k, v in sorted(tags.items())
+             if k.startswith("sweep.") and k != "sweep.seed"]
+    name = tags.get("objective") or tags.get("mlflow.runName", "?")
+    if tags.get("stage") == "eval":
+        name = tags.get("mlflow.runName", "eval")
+    return " ".join([f"{tags.get('stage')}:{name}"] + swept)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 else f"{mean:.4f}"
+
+
+def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_dir: str,
+                tracking_uri: str | None) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    from aopd_cli.tracking import find_runs
+
+    all_runs = [r for r in find_runs(tracking_uri, experiment) if r.info.status == "FINISHED"]
+    runs = _descendants(all_runs, parent) if parent else all_runs
+    runs = [r for r in runs if r.data.tags.get("stage") in ("distill", "continual", "eval")]
+    if not runs:
+        raise UserError(f"no finished distill/continual/eval runs in experiment {experiment!r}"
+                        + (f" under run {parent}" if parent else "") + "; run a stage or a sweep first")
+    keys = metrics or sorted({k for r in runs for k in r.data.metrics if _is_final_metric(k)})
+    groups: dict[str, list] = defaultdict(list)
+    for run in runs:
+        groups[group_label(run)].append(run)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [[label, str(len(members))] + [_fmt([r.data.metrics[k] for r in members if k in r.data.metrics])
+                                          for k in keys] for label, members in sorted(groups.items())]
+    header = ["group", "runs"] + keys
+    with open(out / "compare.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([header] + rows)
+    markdown = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + \
+        "".join("| " + " | ".join(row) + " |\n" for row in rows)
+    (out / "compare.md").write_text(markdown)
+    table = Table(title=f"{experiment}: final metrics, mean ± std over seeds")
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    from aopd_cli.plots import write_plots
+
+    plots = write_plots(runs, groups, out, tracking_uri)
+    if parent:
+        from aopd_cli.tracking import run_tracker
+
+        tracker = run_tracker(tracking_uri, parent)
+        for path in [out / "compare.csv", out / "compare.md", *plots]:
+            tracker.log_artifact(path, "compare")
+    Console().print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'} and {len(plots)} plots to {out}")
+    return out

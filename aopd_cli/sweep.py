@@ -1,0 +1,123 @@
+"""`aopd sweep STAGE --param KEY=VALUES [--seeds N] [overrides]`: the grid product times seeds, run one
+after another, each a child MLflow run under one parent run of the sweep and tagged with its values.
+
+Values use Hydra's sweep grammar (`-1,0,1`, `range(0,1,0.25)`, `choice(a,b)`); `tau`, `beta`, `top_k`,
+`intervention`, `zero_eps`, `lam`, `lmbda` mean `objective.<name>`. Every child's config is validated
+before the first one starts. The sweep's identity is a hash of the command, so running the same command
+again resumes it: finished children are skipped, interrupted ones rerun. Upstream warm-ups with
+`reuse_cached=true` (the lab's) are trained once and reused by every child.
+
+    aopd sweep pipeline experiment=lab_smoke --param tau=-1,0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from aopd_cli.config.compose import ConfigError, load_stage_config
+
+ALIASES = {name: f"objective.{name}" for name in ("tau", "beta", "top_k", "intervention", "zero_eps", "lam", "lmbda")}
+STAGES = ("warmup", "distill", "continual", "eval", "pipeline")
+
+
+@dataclass
+class Child:
+    child_id: str
+    values: dict[str, str]  # swept key -> value (seed included)
+    target: object  # a validated stage config, or a pipeline Plan
+
+
+@dataclass
+class SweepPlan:
+    stage: str
+    sweep_id: str
+    children: list[Child]
+    tracking: object
+    command: str
+
+
+def expand(params: list[str]) -> list[dict[str, str]]:
+    """The grid of `--param KEY=VALUES` options, in order (first key varies slowest)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser, axes = OverridesParser.create(), []
+    for param in params:
+        key, sep, values = param.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--param {param!r}: expected KEY=VALUES, e.g. tau=-1,0,1")
+        key = ALIASES.get(key, key)
+        try:
+            override = parser.parse_override(f"{key}={values}")
+        except OverrideParseException as err:
+            raise ConfigError(f"--param {param!r}: {err}") from None
+        options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(override.value())]
+        axes.append([(key, value) for value in options])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) -> SweepPlan:
+    if stage not in STAGES:
+        raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}")
+    command = json.dumps([stage, sorted(params), seeds, overrides])
+    sweep_id = hashlib.sha256(command.encode()).hexdigest()[:12]
+    root = Path("outputs") / "sweeps" / sweep_id
+    children = []
+    for point in expand(params):
+        for seed in range(seeds):
+            values = {**point, "seed": str(seed)}
+            child_id = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+            child_overrides = overrides + [f"{k}={v}" for k, v in values.items()]
+            tags = {"sweep_id": sweep_id, "sweep_child": child_id, **{f"sweep.{k}": v for k, v in values.items()}}
+            if stage == "pipeline":
+                from aopd_cli.pipeline import plan_pipeline
+
+                target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags)
+            else:
+                target = load_stage_config(stage, child_overrides + [f"output_dir={root / child_id}"])
+            children.append(Child(child_id, values, target))
+    first = children[0].target
+    tracking = next(iter(first.configs.values())).tracking if stage == "pipeline" else first.tracking
+    return SweepPlan(stage, sweep_id, children, tracking, command)
+
+
+def run_sweep(plan: SweepPlan) -> None:
+    from rich.console import Console
+
+    from aopd_cli.pipeline import run_pipeline
+    from aopd_cli.stages import run_stage
+    from aopd_cli.tracking import find_runs, start_run, run_tracker
+
+    console = Console()
+    experiment, uri = plan.tracking.experiment, plan.tracking.uri
+    parents = find_runs(uri, experiment, f"tags.sweep_parent = '{plan.sweep_id}'")
+    parent = run_tracker(uri, parents[0].info.run_id) if parents else start_run(
+        plan.tracking, run_name=f"sweep:{plan.stage}:{plan.sweep_id}",
+        tags={"sweep_parent": plan.sweep_id, "stage": "sweep", "sweep_command": plan.command[:5000]})
+    finished = {run.data.tags.get("sweep_child") for run in find_runs(
+        uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
+        if run.data.tags.get("mlflow.parentRunId") == parent.run_id}
+    console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {len(finished & {c.child_id for c in plan.children})} already done")
+    try:
+        for number, child in enumerate(plan.children, 1):
+            label = " ".join(f"{k}={v}" for k, v in child.values.items())
+            if child.child_id in finished:
+                console.print(f"[{number}/{len(plan.children)}] {label}: done before, skipped")
+                continue
+            console.rule(f"[{number}/{len(plan.children)}] {label}")
+            tags = {"sweep_id": plan.sweep_id, "sweep_child": child.child_id,
+                    **{f"sweep.{k}": v for k, v in child.values.items()}}
+            if plan.stage == "pipeline":
+                run_pipeline(child.target, parent_run_id=parent.run_id)
+            else:
+                run_stage(child.target, parent_run_id=parent.run_id, run_name=f"{plan.stage} {label}", tags=tags)
+    except KeyboardInterrupt:
+        console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
+                      "(finished runs are kept and skipped)")
+        raise SystemExit(130) from None
+    parent.close("FINISHED")
+    console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`")
