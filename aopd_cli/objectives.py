@@ -72,12 +72,13 @@ class _ChunkedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, ids_NJ, chunk_size):
         n_rows = hidden_NH.shape[0]
-        weight_f32_VH = _f32(weight_VH)
-        gathered_NJ = hidden_NH.new_empty(ids_NJ.shape, dtype=weight_f32_VH.dtype)
-        entropy_N = hidden_NH.new_empty(n_rows, dtype=weight_f32_VH.dtype)
+        out_dtype = _f32(weight_VH).dtype if weight_VH.dtype == torch.float64 else torch.float32
+        gathered_NJ = hidden_NH.new_empty(ids_NJ.shape, dtype=out_dtype)
+        entropy_N = hidden_NH.new_empty(n_rows, dtype=out_dtype)
         for start in range(0, n_rows, chunk_size):
             stop = min(start + chunk_size, n_rows)
-            logits_CV = _f32(hidden_NH[start:stop]) @ weight_f32_VH.T
+            # the matmul runs in the weights' dtype (bf16 on GPUs), the softmax in float32
+            logits_CV = _f32(hidden_NH[start:stop] @ weight_VH.T)
             logp_CV = torch.log_softmax(logits_CV, dim=-1)
             gathered_NJ[start:stop] = logp_CV.gather(-1, ids_NJ[start:stop])
             entropy_N[start:stop] = -(logp_CV.exp() * logp_CV).sum(-1)
@@ -90,22 +91,23 @@ class _ChunkedGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_gathered_NJ, _grad_entropy_N):
         hidden_NH, weight_VH, ids_NJ = ctx.saved_tensors
-        weight_f32_VH = _f32(weight_VH)
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden_NH = torch.zeros_like(hidden_NH, dtype=weight_f32_VH.dtype) if want_hidden else None
-        grad_weight_VH = torch.zeros_like(weight_f32_VH) if want_weight else None
-        grad_gathered_NJ = grad_gathered_NJ.to(weight_f32_VH.dtype)
+        accumulate_dtype = _f32(weight_VH).dtype
+        grad_hidden_NH = torch.zeros_like(hidden_NH, dtype=accumulate_dtype) if want_hidden else None
+        grad_weight_VH = torch.zeros_like(weight_VH, dtype=accumulate_dtype) if want_weight else None
+        grad_gathered_NJ = grad_gathered_NJ.to(accumulate_dtype)
         for start in range(0, hidden_NH.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden_NH.shape[0])
-            hidden_CH = hidden_NH[start:stop].to(weight_f32_VH.dtype)
-            probs_CV = torch.softmax(hidden_CH @ weight_f32_VH.T, dim=-1)
+            hidden_CH = hidden_NH[start:stop]
+            probs_CV = torch.softmax(_f32(hidden_CH @ weight_VH.T), dim=-1)
             grad_CJ = grad_gathered_NJ[start:stop]
             grad_logits_CV = probs_CV.mul_(-grad_CJ.sum(-1, keepdim=True))
             grad_logits_CV.scatter_add_(-1, ids_NJ[start:stop], grad_CJ)
+            grad_logits_CV = grad_logits_CV.to(weight_VH.dtype)
             if want_hidden:
-                grad_hidden_NH[start:stop] = grad_logits_CV @ weight_f32_VH
+                grad_hidden_NH[start:stop] = grad_logits_CV @ weight_VH
             if want_weight:
-                grad_weight_VH.addmm_(grad_logits_CV.T, hidden_CH)
+                grad_weight_VH += grad_logits_CV.T @ hidden_CH.to(weight_VH.dtype)
             del probs_CV, grad_logits_CV
         return (
             grad_hidden_NH.to(hidden_NH.dtype) if want_hidden else None,

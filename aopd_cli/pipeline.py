@@ -63,12 +63,12 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         # precedence, lowest first: the experiment's shared overrides, the stage's own, the command line's
         own = [_resolve(o, configs, stage.name) for o in stage.overrides] + [f"output_dir={root_dir / stage.name}"]
         composed = [o for o in experiment.overrides if _accepts(stage.stage, own, o)] + own
-        for o in shared:
+        for o in [] if stage.shared else shared:
             if _accepts(stage.stage, composed, o):
                 used[o] = True
                 composed.append(o)
         configs[stage.name] = load_stage_config(stage.stage, composed + targeted.get(stage.name, []))
-    unused = [o for o, ok in used.items() if not ok]
+    unused = [o for o, ok in used.items() if not ok and o.partition("=")[0] != "seed"]
     if unused:
         raise ConfigError(f"{unused[0]}: no stage of experiment {experiment.name!r} has this key")
     return Plan(experiment, configs, root_dir, extra_tags or {})

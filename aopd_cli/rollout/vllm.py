@@ -9,7 +9,6 @@ EOS and the end-of-turn token, `n` samples per prompt.
 
 from __future__ import annotations
 
-import torch
 
 from aopd_cli.errors import UserError
 from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
@@ -51,4 +50,4 @@ def vllm_rollout(policy, rollout_cfg) -> Rollout:
     return Rollout(generate=generate, sync_weights=sync_weights)
 
 
-__all__ = ["vllm_rollout", "torch"]
+
