@@ -167,10 +167,11 @@ def student_head(model, micro: MicroBatch, chunk_size: int = 1024) -> LMHead:
 
 
 @torch.no_grad()
-def target_logits(model, micro: MicroBatch) -> torch.Tensor:
-    """Full-vocabulary logits [B, T, V] for the targets of one micro-batch (scorers only)."""
-    hidden_BLH = _decoder_hidden(model, micro.ids_BL, micro.attn_BL)
-    return model.get_output_embeddings()(hidden_BLH[:, micro.first_target - 1:-1]).float()
+def target_hidden(model, micro: MicroBatch) -> torch.Tensor:
+    """Last hidden states [B, T, H] at the positions that predict the targets (scorers only)."""
+    device = model.get_output_embeddings().weight.device
+    hidden_BLH = _decoder_hidden(model, micro.ids_BL.to(device), micro.attn_BL.to(device))
+    return hidden_BLH[:, micro.first_target - 1:-1]
 
 
 def make_optimizer(model, train):

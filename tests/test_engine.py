@@ -86,7 +86,7 @@ def test_rollouts_sample_n_per_prompt_and_stop(policy):
 def test_teacher_scorer_returns_full_vocabulary_topk_and_token_logprobs(policy):
     ids = torch.tensor([[0, 1, 30, 31, 32, 33]])
     micro = MicroBatch(ids, torch.tensor([[0, 1, 1, 1, 1, 1]]), 3, torch.ones(1, 3, dtype=torch.bool))
-    scored = hf_scorer(policy, 4)(micro)
+    scored = hf_scorer(policy, 4, chunk_size=2)(micro)  # chunks smaller than the 3 positions
     position_ids = torch.tensor([[0, 0, 1, 2, 3, 4]])
     with torch.no_grad():
         logp = torch.log_softmax(policy.model(ids, attention_mask=micro.attn_BL, position_ids=position_ids).logits, -1)
