@@ -45,8 +45,9 @@ def _is_final_metric(key: str) -> bool:
 
 def group_label(run) -> str:
     tags = run.data.tags
+    # a swept key counts only where the run has it (a pipeline's opd stage has no objective.tau)
     swept = [f"{k[len('sweep.'):].replace('objective.', '')}={v}" for k, v in sorted(tags.items())
-             if k.startswith("sweep.") and k != "sweep.seed"]
+             if k.startswith("sweep.") and k != "sweep.seed" and k[len("sweep."):] in run.data.params]
     name = tags.get("objective") or tags.get("mlflow.runName", "?")
     if tags.get("stage") == "eval":
         name = tags.get("mlflow.runName", "eval")
@@ -92,7 +93,10 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: keep rows whole instead of folding them at 80 columns
+        console = Console(width=max(120, 28 * len(header)))
+    console.print(table)
     from aopd_cli.plots import write_plots
 
     plots = write_plots(runs, groups, out, tracking_uri)
@@ -102,5 +106,5 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
         tracker = run_tracker(tracking_uri, parent)
         for path in [out / "compare.csv", out / "compare.md", *plots]:
             tracker.log_artifact(path, "compare")
-    Console().print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'} and {len(plots)} plots to {out}")
+    console.print(f"wrote {out / 'compare.csv'}, {out / 'compare.md'} and {len(plots)} plots to {out}")
     return out

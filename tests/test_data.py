@@ -80,8 +80,12 @@ def test_unparsable_toolalpaca_file_is_refused(tmp_path):
 
 
 def test_hub_ids_go_through_datasets_and_fail_clearly_offline(monkeypatch):
+    import datasets
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # read at import: patch the loaded config too
+        if hasattr(datasets.config, name):
+            monkeypatch.setattr(datasets.config, name, True)
     with pytest.raises(UserError, match="cannot load dataset 'zwhe99/DeepMath-103K'"):
         load_records("prompts", "deepmath")
 
