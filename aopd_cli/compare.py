@@ -45,9 +45,11 @@ def _is_final_metric(key: str) -> bool:
 
 def group_label(run) -> str:
     tags = run.data.tags
-    # a swept key counts only where the run has it (a pipeline's opd stage has no objective.tau)
+    # a swept key labels a training run only where the run has it (a pipeline's opd stage has no
+    # objective.tau); an eval run keeps them all, since it evaluates that sweep point's checkpoint
+    evaluates = tags.get("stage") == "eval"
     swept = [f"{k[len('sweep.'):].replace('objective.', '')}={v}" for k, v in sorted(tags.items())
-             if k.startswith("sweep.") and k != "sweep.seed" and k[len("sweep."):] in run.data.params]
+             if k.startswith("sweep.") and k != "sweep.seed" and (evaluates or k[len("sweep."):] in run.data.params)]
     name = tags.get("objective") or tags.get("mlflow.runName", "?")
     if tags.get("stage") == "eval":
         name = tags.get("mlflow.runName", "eval")
