@@ -51,12 +51,12 @@ def write_plots(runs, groups: dict[str, list], out: Path, tracking_uri) -> list[
     from aopd_cli.tracking import metric_history
 
     plt, written = _pyplot(), []
-    training = {label: [r for r in members if r.data.tags.get("stage") in ("distill", "continual")]
-                for label, members in groups.items()}
-    training = {label: members for label, members in training.items() if members}
-    for file_name, (metric, title, ylabel) in CURVES.items():
+    training = {label: members for label, members in groups.items()
+                if members[0].data.tags.get("stage") in ("distill", "continual")}
+    distill = {label: members for label, members in training.items() if members[0].data.tags["stage"] == "distill"}
+    for file_name, (metric, title, ylabel) in CURVES.items():  # the paper's curves are of distillation
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, members in sorted(training.items()):
+        for label, members in sorted(distill.items()):
             key = metric.format(bench=_benchmark(members[0]) or "math_avg")
             steps, values = _mean_curve([metric_history(tracking_uri, r.info.run_id, key) for r in members])
             if steps:
@@ -93,20 +93,24 @@ def _advantage_histogram(training: dict, out: Path, tracking_uri) -> Path:
 
 
 def _final_bars(groups: dict[str, list], out: Path) -> Path:
+    """Pass@1 and the largest Pass@k per benchmark, from the eval stages (else the distill stages)."""
     plt = _pyplot()
-    benches = sorted({k.split("/")[1] for m in groups.values() for r in m for k in r.data.metrics
-                      if k.startswith("eval/") and k.endswith("/pass_at_1")})
+    stage = "eval" if any(m[0].data.tags.get("stage") == "eval" for m in groups.values()) else "distill"
+    groups = {label: m for label, m in groups.items() if m[0].data.tags.get("stage") == stage}
+    keys = {k for m in groups.values() for r in m for k in r.data.metrics if k.startswith("eval/")}
+    benches = sorted({k.split("/")[1] for k in keys if k.endswith("/pass_at_1")})
+    top_k = max([int(k.rsplit("_", 1)[1]) for k in keys if "/pass_at_" in k] or [1])
     labels = sorted(label for label, m in groups.items()
                     if any(k.endswith("/pass_at_1") for r in m for k in r.data.metrics))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     width = 0.8 / max(1, len(labels))
-    for ax, k in zip(axes, (1, 4)):
+    for ax, k in zip(axes, (1, top_k)):
         for i, label in enumerate(labels):
             values = [statistics.fmean([r.data.metrics[f"eval/{b}/pass_at_{k}"] for r in groups[label]
                                         if f"eval/{b}/pass_at_{k}" in r.data.metrics] or [0.0]) for b in benches]
             ax.bar([x + i * width for x in range(len(benches))], values, width, label=label)
         ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(benches))], benches)
-        ax.set(title=f"Final Pass@{k}", xlabel="benchmark", ylabel=f"Pass@{k}")
+        ax.set(title=f"Final Pass@{k} ({stage} runs)", xlabel="benchmark", ylabel=f"Pass@{k}")
         ax.grid(alpha=0.3, axis="y")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
