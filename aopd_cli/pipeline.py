@@ -35,27 +35,25 @@ def _checkpoint_of(config) -> Path:
 
 
 def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None) -> Plan:
-    experiment_name, root, targeted, shared = "lab", None, {}, []
+    pairs = []
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep:
             raise ConfigError(f"{override!r}: expected key=value")
+        pairs.append((key, value, override))
+    experiment = load_experiment(next((v for k, v, _ in pairs if k == "experiment"), "lab"))
+    names = [s.name for s in experiment.stages]
+    root, targeted, shared = None, {}, []
+    for key, value, override in pairs:
         head, _, rest = key.partition(".")
         if key == "experiment":
-            experiment_name = value
-        elif key == "output_dir":
+            continue
+        if key == "output_dir":
             root = value
-        elif rest and head not in ("objective", "train", "eval", "rollout", "data", "student", "teacher", "base",
-                                   "tracking", "tool_data"):
+        elif rest and head in names:
             targeted.setdefault(head, []).append(f"{rest}={value}")
         else:
             shared.append(override)
-    experiment = load_experiment(experiment_name)
-    names = [s.name for s in experiment.stages]
-    for head in targeted:
-        if head not in names:
-            raise ConfigError(f"{head}.{targeted[head][0]}: no stage named {head!r} in experiment "
-                              f"{experiment.name!r}; stages: {', '.join(names)}")
     root_dir = Path(root or f"outputs/{experiment.name}")
     configs: dict[str, object] = {}
     used = {o: False for o in shared}

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from aopd_cli.config.compose import ConfigError, load_stage_config
+from aopd_cli.config.compose import ConfigError, load_stage_config, sweep_values
 
 ALIASES = {name: f"objective.{name}" for name in ("tau", "beta", "top_k", "intervention", "zero_eps", "lam", "lmbda")}
 STAGES = ("warmup", "distill", "continual", "eval", "pipeline")
@@ -42,21 +42,13 @@ class SweepPlan:
 
 def expand(params: list[str]) -> list[dict[str, str]]:
     """The grid of `--param KEY=VALUES` options, in order (first key varies slowest)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    parser, axes = OverridesParser.create(), []
+    axes = []
     for param in params:
         key, sep, values = param.partition("=")
         if not sep or not values:
             raise ConfigError(f"--param {param!r}: expected KEY=VALUES, e.g. tau=-1,0,1")
         key = ALIASES.get(key, key)
-        try:
-            override = parser.parse_override(f"{key}={values}")
-        except OverrideParseException as err:
-            raise ConfigError(f"--param {param!r}: {err}") from None
-        options = list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(override.value())]
-        axes.append([(key, value) for value in options])
+        axes.append([(key, value) for value in sweep_values(key, values)])
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 

@@ -83,6 +83,18 @@ def _composition_message(stage: str, err, overrides: list[str]) -> str:
     return f"{key}={value}: unknown key{did_you_mean}.{allowed}"
 
 
+def sweep_values(key: str, values: str) -> list[str]:
+    """Hydra's sweep grammar: `-1,0,1`, `range(0,1,0.25)`, `choice(a,b)`, or one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        override = OverridesParser.create().parse_override(f"{key}={values}")
+    except OverrideParseException as err:
+        raise ConfigError(f"--param {key}={values}: {err}") from None
+    return list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(override.value())]
+
+
 def flat_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
