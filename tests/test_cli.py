@@ -1,26 +1,21 @@
 """The command line as a user meets it: help, show, refusals that write nothing."""
 
-import os
 import statistics
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import run_aopd
 
 COMMANDS = ["warmup", "distill", "continual", "eval", "pipeline", "sweep", "compare", "show"]
-
-
-def aopd(*args, cwd, env=None):
-    return subprocess.run([sys.executable, "-m", "aopd_cli.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
 
 
 def test_help_lists_every_command_quickly(tmp_path):
     times = []
     for _ in range(3):
         started = time.perf_counter()
-        result = aopd("--help", cwd=tmp_path)
+        result = run_aopd("--help", cwd=tmp_path)
         times.append(time.perf_counter() - started)
     assert result.returncode == 0
     for command in COMMANDS:
@@ -35,10 +30,10 @@ def test_cli_module_imports_nothing_heavy():
 
 
 def test_show_prints_the_validated_config(tmp_path):
-    result = aopd("show", "distill", "objective=aopd", "objective.tau=0.5", cwd=tmp_path)
+    result = run_aopd("show", "distill", "objective=aopd", "objective.tau=0.5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "tau: 0.5" in result.stdout and "name: aopd" in result.stdout
-    gkd = aopd("show", "distill", "objective=gkd", cwd=tmp_path)
+    gkd = run_aopd("show", "distill", "objective=gkd", cwd=tmp_path)
     assert "beta: 0.5" in gkd.stdout and "lmbda: 1.0" in gkd.stdout
 
 
@@ -52,7 +47,7 @@ def test_show_prints_the_validated_config(tmp_path):
     (("eval", "eval.n=2", "eval.k=[1,4]"), ["k must be <= n"]),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, args, expected):
-    result = aopd(*args, cwd=tmp_path)
+    result = run_aopd(*args, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     for text in expected:
         assert text in result.stderr
@@ -60,7 +55,7 @@ def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, args, ex
 
 
 def test_missing_checkpoint_is_refused_before_any_work(tmp_path):
-    result = aopd("distill", "student.path=./nowhere", cwd=tmp_path)
+    result = run_aopd("distill", "student.path=./nowhere", cwd=tmp_path)
     assert result.returncode == 1
     assert "student.path: no checkpoint at './nowhere'" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -85,7 +85,6 @@ def test_tau_minus_one_never_gates_even_when_teacher_prob_underflows():
 def test_gate_uses_probabilities_not_log_ratios():
     # P_T(y) = 0.30, P_S(y) = 0.10: the probability gap is 0.20, the log-ratio is log 3 = 1.10.
     # With tau = 0.5 the gap passes the threshold (gated) while the log-ratio would not.
-    V = 4
     student_logits = torch.log(torch.tensor([[[0.10, 0.30, 0.30, 0.30]]])).requires_grad_(True)
     teacher_logp = torch.log(torch.tensor([[[0.30, 0.50, 0.10, 0.10]]]))
     tokens = torch.zeros(1, 1, dtype=torch.long)

@@ -1,23 +1,15 @@
 """The stages end to end on the lab: `aopd pipeline experiment=lab_smoke` as a user runs it."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from aopd_cli.tracking import connect
-
-
-def aopd(*args, cwd, cache):
-    return subprocess.run([sys.executable, "-m", "aopd_cli.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "AOPD_CACHE": str(cache)}, timeout=900)
+from helpers import run_aopd
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, lab_cache):
     work = tmp_path_factory.mktemp("smoke")
-    result = aopd("pipeline", "experiment=lab_smoke", cwd=work, cache=lab_cache)
+    result = run_aopd("pipeline", "experiment=lab_smoke", cwd=work, cache=lab_cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return work, result
 
@@ -56,7 +48,7 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
 
 def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
     work, _ = smoke
-    result = aopd("pipeline", "experiment=lab_smoke", "output_dir=outputs/again", "opd.train.steps=1",
+    result = run_aopd("pipeline", "experiment=lab_smoke", "output_dir=outputs/again", "opd.train.steps=1",
                   "aopd.train.steps=1", cwd=work, cache=lab_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("reusing the cached warm-up checkpoint") == 2
@@ -70,7 +62,7 @@ def test_same_seed_gives_identical_metrics(smoke, lab_cache):
         args = ["distill", f"student.path={teacher}", f"teacher.path={teacher}", "train.steps=2", "train.batch_size=8",
                 "train.micro_batch_size=4", "objective.top_k=4", "eval.limit=4", "eval.n=2", "eval.k=[1]",
                 "train.eval_every=0", f"output_dir={out}", "tracking.experiment=det"]
-        result = aopd(*args, cwd=work, cache=lab_cache)
+        result = run_aopd(*args, cwd=work, cache=lab_cache)
         assert result.returncode == 0, result.stderr[-2000:]
     client = connect(f"sqlite:///{work}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("det").experiment_id])
@@ -93,7 +85,7 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
     model.save_pretrained(tmp_path / "other")
     tokenizer.save_pretrained(tmp_path / "other")
     _, before = runs_by_name(work)
-    result = aopd("distill", f"student.path={teacher}", f"teacher.path={tmp_path / 'other'}", "output_dir=refused",
+    result = run_aopd("distill", f"student.path={teacher}", f"teacher.path={tmp_path / 'other'}", "output_dir=refused",
                   cwd=work, cache=lab_cache)
     assert result.returncode == 1
     assert "the teacher cannot score the student's tokens" in result.stderr and "vocabulary" in result.stderr

@@ -1,14 +1,12 @@
 """Sweeps (grid, aliases, validation first, resume) and the comparison on a store made by a smoke sweep."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 
 from aopd_cli.config.compose import ConfigError
 from aopd_cli.sweep import expand, plan_sweep
 from aopd_cli.tracking import connect
+from helpers import run_aopd
 
 
 def test_grid_expansion_with_aliases_and_hydra_sweep_grammar():
@@ -34,18 +32,13 @@ def test_every_value_is_validated_before_the_first_run(tmp_path, monkeypatch, la
     assert list(tmp_path.iterdir()) == []  # planning writes nothing
 
 
-def aopd(*args, cwd, cache):
-    return subprocess.run([sys.executable, "-m", "aopd_cli.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "AOPD_CACHE": str(cache)}, timeout=900)
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, lab_cache):
     work = tmp_path_factory.mktemp("sweep")
     args = ["sweep", "pipeline", "experiment=lab_smoke", "--param", "tau=-1,0"]
-    first = aopd(*args, cwd=work, cache=lab_cache)
+    first = run_aopd(*args, cwd=work, cache=lab_cache)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    second = aopd(*args, cwd=work, cache=lab_cache)
+    second = run_aopd(*args, cwd=work, cache=lab_cache)
     assert second.returncode == 0, second.stderr[-3000:]
     return work, first, second
 
@@ -73,7 +66,7 @@ def test_compare_prints_the_table_and_writes_plots(swept, lab_cache):
     work, _, _ = swept
     client = connect(f"sqlite:///{work}/mlflow.db")
     parent = client.search_runs([client.get_experiment_by_name("aopd").experiment_id], "tags.stage = 'sweep'")[0]
-    result = aopd("compare", "--parent", parent.info.run_id, "--out", "cmp", cwd=work, cache=lab_cache)
+    result = run_aopd("compare", "--parent", parent.info.run_id, "--out", "cmp", cwd=work, cache=lab_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distill:aopd tau=-1" in result.stdout and "distill:aopd tau=0" in result.stdout
     for name in ("compare.csv", "compare.md", "pass_at_1_vs_step.png", "intervention_ratio_vs_step.png",
@@ -87,5 +80,5 @@ def test_compare_prints_the_table_and_writes_plots(swept, lab_cache):
 
 
 def test_compare_on_an_empty_store_says_what_to_do(tmp_path, lab_cache):
-    result = aopd("compare", cwd=tmp_path, cache=lab_cache)
+    result = run_aopd("compare", cwd=tmp_path, cache=lab_cache)
     assert result.returncode == 1 and "run a stage or a sweep first" in result.stderr

@@ -12,19 +12,17 @@ from pathlib import Path
 from aopd_cli.data.loaders import load_data
 from aopd_cli.engine import seed_everything
 from aopd_cli.rollout import make_rollout
-from aopd_cli.stages.common import open_run
-from aopd_cli.stages.distill import distill_loop, load_models, save_advantages, save_histogram
+from aopd_cli.stages.common import tracked_run
+from aopd_cli.stages.distill import distill_loop, load_models, log_advantages
 from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 
 
 def run_continual(config, *, parent_run_id: str | None = None, run_name: str | None = None,
-                tags: dict[str, str] | None = None) -> Path:
+                  tags: dict[str, str] | None = None) -> Path:
     seed_everything(config.seed)
     records = load_data(config.data, "tool_train")
     student, teacher, base = load_models(config)
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-    status = "FAILED"
-    try:
+    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
         eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
         before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
         tracker.log_metrics(before, step=0)
@@ -39,10 +37,5 @@ def run_continual(config, *, parent_run_id: str | None = None, run_name: str | N
                               f"retention/math_pass_at_{k}_change": after[key] - before[key]}
         tracker.log_metrics({**after, **retention}, step=config.train.steps)
         print_metrics(f"continual {run_name or config.objective.name}", {**after, **retention}, config.eval)
-        tracker.log_artifact(save_advantages(advantages, Path(config.output_dir) / "advantages.npy"))
-        tracker.log_artifact(save_histogram(advantages, Path(config.output_dir) / "advantages.png",
-                                            f"Advantages seen in continual training ({config.objective.name})"))
-        status = "FINISHED"
+        log_advantages(tracker, advantages, Path(config.output_dir), config.objective.name)
         return checkpoint
-    finally:
-        tracker.close(status)

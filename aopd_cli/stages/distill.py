@@ -20,7 +20,7 @@ from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.eval import grade_math
 from aopd_cli.objectives import aopd_loss, exopd_loss, global_normalizer, gkd_loss, opd_loss, seqkd_loss
 from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
-from aopd_cli.stages.common import StepBatch, open_run, rollout_micro_batches, sample_indices, train_loop
+from aopd_cli.stages.common import StepBatch, rollout_micro_batches, sample_indices, tracked_run, train_loop
 from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 from aopd_cli.teacher import hf_scorer
 
@@ -133,12 +133,14 @@ def _grade(policy, batch: RolloutBatch, answers: list[str]) -> torch.Tensor:
     return torch.tensor([grade_math(text, answer) for text, answer in zip(texts, answers)], dtype=torch.bool)
 
 
-def save_advantages(advantages: torch.Tensor, path: Path) -> Path:
-    """The raw sample of advantages, for `aopd compare`'s overlaid histograms."""
+def log_advantages(tracker, advantages: torch.Tensor, out_dir: Path, objective: str) -> None:
+    """The sample of advantages seen in training: raw (for `aopd compare`) and as a histogram PNG."""
     import numpy as np
 
-    np.save(path, advantages.numpy())
-    return path
+    np.save(out_dir / "advantages.npy", advantages.numpy())
+    tracker.log_artifact(out_dir / "advantages.npy")
+    tracker.log_artifact(save_histogram(advantages, out_dir / "advantages.png",
+                                        f"Advantages seen in training ({objective})"))
 
 
 def save_histogram(advantages: torch.Tensor, path: Path, title: str) -> Path:
@@ -162,9 +164,7 @@ def run_distill(config, *, parent_run_id: str | None = None, run_name: str | Non
     seed_everything(config.seed)
     records = load_data(config.data, "prompts")
     student, teacher, base = load_models(config)
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-    status = "FAILED"
-    try:
+    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
         eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
 
         def evaluate(step: int) -> dict[str, float]:
@@ -176,10 +176,5 @@ def run_distill(config, *, parent_run_id: str | None = None, run_name: str | Non
         metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed + config.train.steps)[0]
         tracker.log_metrics(metrics, step=config.train.steps)
         print_metrics(f"distill {run_name or config.objective.name}", metrics, config.eval)
-        tracker.log_artifact(save_advantages(advantages, Path(config.output_dir) / "advantages.npy"))
-        tracker.log_artifact(save_histogram(advantages, Path(config.output_dir) / "advantages.png",
-                                            f"Advantages seen in training ({config.objective.name})"))
-        status = "FINISHED"
+        log_advantages(tracker, advantages, Path(config.output_dir), config.objective.name)
         return checkpoint
-    finally:
-        tracker.close(status)

@@ -19,7 +19,7 @@ from aopd_cli.data.prompts import sft_example, tool_sft_messages
 from aopd_cli.engine import MicroBatch, load_policy, seed_everything
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.rollout import make_rollout, right_pad
-from aopd_cli.stages.common import StepBatch, open_run, sample_indices, train_loop
+from aopd_cli.stages.common import StepBatch, open_run, sample_indices, tracked_run, train_loop
 from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 
 
@@ -54,9 +54,7 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
                           for r in load_data(config.tool_data, "tool_train")]
     policy = load_policy(config.student, role="student", seed=config.seed)
     examples = [sft_example(policy.tokenizer, messages, policy.stop_ids) for messages in conversations]
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-    status = "FAILED"
-    try:
+    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
         rng, train = random.Random(config.seed), config.train
         rollout = make_rollout("hf", policy, None, config.eval.batch_size)
 
@@ -86,10 +84,7 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
             print_metrics(f"warm-up {run_name or ''}".strip(), metrics, config.eval)
         if config.reuse_cached:
             _store_in_cache(checkpoint, cached)
-        status = "FINISHED"
         return checkpoint
-    finally:
-        tracker.close(status)
 
 
 def _store_in_cache(checkpoint: Path, cached: Path) -> None:
