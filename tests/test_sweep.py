@@ -1,6 +1,5 @@
 """Sweeps (grid, aliases, validation first, resume) and the comparison on a store made by a smoke sweep."""
 
-
 import pytest
 
 from aopd_cli.config.compose import ConfigError
