@@ -47,6 +47,7 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
         tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
         tracker.set_tags({"reused_checkpoint": str(cached)})
         tracker.close()
+        _link_into_output(cached, Path(config.output_dir) / "checkpoint")
         return cached
     conversations = [r["messages"] for r in load_data(config.data, "sft")]
     if config.tool_data is not None:
@@ -85,6 +86,16 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
         if config.reuse_cached:
             _store_in_cache(checkpoint, cached)
         return checkpoint
+
+
+def _link_into_output(cached: Path, target: Path) -> None:
+    """The stage's own folder shows the reused checkpoint too (a link: warm-ups of real models are large)."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
+        return  # a checkpoint this folder already holds is left alone
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(cached.resolve(), target_is_directory=True)
 
 
 def _store_in_cache(checkpoint: Path, cached: Path) -> None:
