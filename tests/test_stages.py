@@ -52,6 +52,8 @@ def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
                   "aopd.train.steps=1", cwd=work, cache=lab_cache)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("reusing the cached warm-up checkpoint") == 2
+    # the stage folder shows the reused checkpoint, where `aopd distill student.path=...` would look
+    assert (work / "outputs/again/student_sft/checkpoint/config.json").is_file()
 
 
 def test_same_seed_gives_identical_metrics(smoke, lab_cache):
