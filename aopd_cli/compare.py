@@ -44,16 +44,18 @@ def _is_final_metric(key: str) -> bool:
 
 
 def group_label(run) -> str:
+    """`stage:name` plus the swept values; seeds of the same configuration share a label."""
     tags = run.data.tags
+    stage = tags.get("stage", "?")
+    name = tags.get("mlflow.runName", stage)
+    if name == stage:  # a stage run on its own (not a pipeline's stage): name it by its objective
+        name = tags.get("objective", stage)
     # a swept key labels a training run only where the run has it (a pipeline's opd stage has no
     # objective.tau); an eval run keeps them all, since it evaluates that sweep point's checkpoint
-    evaluates = tags.get("stage") == "eval"
+    evaluates = stage == "eval"
     swept = [f"{k[len('sweep.'):].replace('objective.', '')}={v}" for k, v in sorted(tags.items())
              if k.startswith("sweep.") and k != "sweep.seed" and (evaluates or k[len("sweep."):] in run.data.params)]
-    name = tags.get("objective") or tags.get("mlflow.runName", "?")
-    if tags.get("stage") == "eval":
-        name = tags.get("mlflow.runName", "eval")
-    return " ".join([f"{tags.get('stage')}:{name}"] + swept)
+    return " ".join([f"{stage}:{name}"] + swept)
 
 
 def _fmt(values: list[float]) -> str:

@@ -106,7 +106,7 @@ def run_sweep(plan: SweepPlan) -> None:
             if plan.stage == "pipeline":
                 run_pipeline(child.target, parent_run_id=parent.run_id)
             else:
-                run_stage(child.target, parent_run_id=parent.run_id, run_name=f"{plan.stage} {label}", tags=tags)
+                run_stage(child.target, parent_run_id=parent.run_id, tags=tags)
     except KeyboardInterrupt:
         console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
                       "(finished runs are kept and skipped)")
