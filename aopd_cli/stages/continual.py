@@ -9,19 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aopd_cli.data.loaders import load_data
-from aopd_cli.engine import seed_everything
 from aopd_cli.rollout import make_rollout
 from aopd_cli.stages.common import tracked_run
-from aopd_cli.stages.distill import distill_loop, load_models, log_advantages
+from aopd_cli.stages.distill import distill_loop, log_advantages, prepare
 from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 
 
 def run_continual(config, *, parent_run_id: str | None = None, run_name: str | None = None,
                   tags: dict[str, str] | None = None) -> Path:
-    seed_everything(config.seed)
-    records = load_data(config.data, "tool_train")
-    student, teacher, base = load_models(config)
+    records, student, teacher, base = prepare(config)
     with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
         eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
         before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)

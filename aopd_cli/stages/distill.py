@@ -62,8 +62,16 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
+def prepare(config):
+    """Seeds, the prompts (math for distill, tools for continual) and the models, checked before any run
+    or work starts: a missing dataset or checkpoint, or a teacher with another vocabulary, stops here."""
+    seed_everything(config.seed)
+    records = load_data(config.data, "prompts" if config.stage == "distill" else "tool_train")
+    return (records, *load_models(config))
+
+
 def load_models(config):
-    """Student, teacher and (exopd) base, checked to share the vocabulary before any run or work starts."""
+    """Student, teacher and (exopd) base, checked to share the vocabulary."""
     student = load_policy(config.student, role="student", seed=config.seed)
     teacher = load_policy(config.teacher, role="teacher", device=student.device)
     check_compatible(student, teacher, "teacher")
@@ -161,9 +169,7 @@ def save_histogram(advantages: torch.Tensor, path: Path, title: str) -> Path:
 
 def run_distill(config, *, parent_run_id: str | None = None, run_name: str | None = None,
                 tags: dict[str, str] | None = None) -> Path:
-    seed_everything(config.seed)
-    records = load_data(config.data, "prompts")
-    student, teacher, base = load_models(config)
+    records, student, teacher, base = prepare(config)
     with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
         eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
 
