@@ -23,13 +23,6 @@ class RolloutBatch:
     response_mask_BR: torch.Tensor  # true up to and including the first stop token
     prompt_index_B: list[int]  # which prompt each row samples
 
-    def rows(self, index: slice | list[int]) -> "RolloutBatch":
-        pick = (lambda t: t[index]) if isinstance(index, slice) else (lambda t: t[torch.tensor(index)])
-        prompt_index = self.prompt_index_B[index] if isinstance(index, slice) else \
-            [self.prompt_index_B[i] for i in index]
-        return RolloutBatch(pick(self.prompt_ids_BP), pick(self.prompt_mask_BP), pick(self.response_ids_BR),
-                            pick(self.response_mask_BR), prompt_index)
-
 
 @dataclass
 class Rollout:
