@@ -95,3 +95,26 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
     _, after = runs_by_name(work)
     assert len(after) == len(before)
     del torch
+
+
+def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
+    import aopd_cli.stages.distill as distill
+    from aopd_cli.config.compose import load_stage_config
+    from aopd_cli.rollout import Rollout
+
+    teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
+    calls = []
+    real_make_rollout = distill.make_rollout
+
+    def counting_rollout(engine, policy, cfg, batch_size=256):
+        rollout = real_make_rollout(engine, policy, cfg, batch_size)
+        return Rollout(rollout.generate, lambda: calls.append(len(calls)))
+
+    monkeypatch.setattr(distill, "make_rollout", counting_rollout)
+    monkeypatch.setenv("AOPD_CACHE", str(lab_cache))
+    config = load_stage_config("distill", [f"student.path={teacher}", f"teacher.path={teacher}", "train.steps=3",
+                                           "train.batch_size=4", "train.micro_batch_size=2", "objective.top_k=4",
+                                           "eval.benchmarks=[]", "train.eval_every=0", "tracking.enabled=false",
+                                           f"output_dir={tmp_path / 'sync'}"])
+    distill.run_distill(config)
+    assert len(calls) == 3  # once per optimizer step, after it
