@@ -61,7 +61,8 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         # precedence, lowest first: the experiment's shared overrides, the stage's own, the command line's
         own = [_resolve(o, configs, stage.name) for o in stage.overrides] + [f"output_dir={root_dir / stage.name}"]
         composed = [o for o in experiment.overrides if _accepts(stage.stage, own, o)] + own
-        for o in [] if stage.shared else shared:
+        # a shared stage takes only the overrides that cannot change its checkpoint (where runs are tracked)
+        for o in [o for o in shared if o.startswith("tracking.")] if stage.shared else shared:
             if _accepts(stage.stage, composed, o):
                 used[o] = True
                 composed.append(o)

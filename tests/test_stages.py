@@ -56,6 +56,14 @@ def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
     assert (work / "outputs/again/student_sft/checkpoint/config.json").is_file()
 
 
+def test_tracking_overrides_reach_shared_stages_and_the_parent_run(lab_cache):
+    from aopd_cli.pipeline import plan_pipeline
+
+    plan = plan_pipeline(["experiment=lab_smoke", "tracking.enabled=false", "seed=3"])
+    assert all(not config.tracking.enabled for config in plan.configs.values())
+    assert plan.configs["teacher"].seed == 0 and plan.configs["aopd"].seed == 3  # shared warm-ups keep theirs
+
+
 def test_same_seed_gives_identical_metrics(smoke, lab_cache):
     work, _ = smoke
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))

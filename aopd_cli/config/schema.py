@@ -202,8 +202,8 @@ class PipelineStage(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
     stage: StageName
     overrides: list[str] = []
-    # an upstream stage that sweeps and seeds reuse (the lab's warm-ups): command-line overrides other than
-    # `NAME.key=value` do not reach it
+    # an upstream stage that sweeps and seeds reuse (the lab's warm-ups): of the command line's overrides,
+    # only `NAME.key=value` and `tracking.*` reach it
     shared: bool = False
 
 
