@@ -121,7 +121,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
             timings[name] = time.perf_counter() - started
             parent.log_metrics({f"time/stage_{name}_s": timings[name]})
         report = comparison_report(plan.experiment, results, timings)
-        console.print(report)
+        console.print(report, highlight=False, soft_wrap=True, markup=False)
         plan.root.mkdir(parents=True, exist_ok=True)
         (plan.root / "comparison.md").write_text(report)
         parent.log_artifact(plan.root / "comparison.md")
@@ -132,37 +132,37 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
 
 
 def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:
-    """Markdown tables shaped like the paper's Table 1 (Pass@1 / Pass@4) and Table 2 (continual)."""
+    """Markdown tables shaped like the paper's Table 1 (Pass@1 / Pass@k, k the largest evaluated: 4 in
+    the paper) and Table 2 (continual)."""
     lines = [f"# {experiment.name}: comparison", ""]
+    keys = {key for metrics in results.values() if isinstance(metrics, dict) for key in metrics}
+    k = max([int(key.rsplit("_", 1)[1]) for key in keys if "/pass_at_" in key] or [4])
     if experiment.table1:
         benches = sorted({key.split("/")[1] for label, stage in experiment.table1.items()
                           for key in results.get(stage, {}) if key.endswith("pass_at_1") and "math_avg" not in key})
-        lines += ["## Table 1: Pass@1 / Pass@4", "",
+        lines += [f"## Table 1: Pass@1 / Pass@{k}", "",
                   "| model | " + " | ".join(benches + ["average"]) + " |", "|---" * (len(benches) + 2) + "|"]
         for label, stage in experiment.table1.items():
             metrics = results.get(stage, {})
-            cells = [_pair(metrics, b) for b in benches + ["math_avg"]]
+            cells = [f"{_num(metrics.get(f'eval/{b}/pass_at_1'))} / {_num(metrics.get(f'eval/{b}/pass_at_{k}'))}"
+                     for b in benches + ["math_avg"]]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     if experiment.table2:
         lines += ["## Table 2: continual learning on tools", "",
-                  "| method | tool success | tool first call | math Pass@4 before | after | change |",
+                  f"| method | tool success | tool first call | math Pass@{k} before | after | change |",
                   "|---|---|---|---|---|---|"]
         for label, (before_stage, after_stage) in experiment.table2.items():
             before, after = results.get(before_stage, {}), results.get(after_stage, {})
             tool_key = next((k for k in after if k.endswith("/success")), None)
             first_key = next((k for k in after if k.endswith("/first_call")), None)
-            b, a = before.get("eval/math_avg/pass_at_4"), after.get("eval/math_avg/pass_at_4")
+            b, a = before.get(f"eval/math_avg/pass_at_{k}"), after.get(f"eval/math_avg/pass_at_{k}")
             lines.append(f"| {label} | {_num(after.get(tool_key))} | {_num(after.get(first_key))} | {_num(b)} | "
                          f"{_num(a)} | {_num(a - b if a is not None and b is not None else None, sign=True)} |")
         lines.append("")
     lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     return "\n".join(lines) + "\n"
-
-
-def _pair(metrics: dict, bench: str) -> str:
-    return f"{_num(metrics.get(f'eval/{bench}/pass_at_1'))} / {_num(metrics.get(f'eval/{bench}/pass_at_4'))}"
 
 
 def _num(value, sign: bool = False) -> str:

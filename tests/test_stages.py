@@ -23,7 +23,7 @@ def runs_by_name(work):
 
 def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     work, result = smoke
-    assert "Table 1: Pass@1 / Pass@4" in result.stdout and "Table 2: continual learning" in result.stdout
+    assert "Table 1: Pass@1 / Pass@2" in result.stdout and "| SFT ckpt | " in result.stdout and "Table 2: continual learning" in result.stdout
     client, runs = runs_by_name(work)
     parent = runs["pipeline:lab_smoke"]
     stages = {name: run.data.tags["stage"] for name, run in runs.items()}
