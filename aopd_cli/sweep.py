@@ -28,6 +28,7 @@ STAGES = ("warmup", "distill", "continual", "eval", "pipeline")
 class Child:
     child_id: str
     values: dict[str, str]  # swept key -> value (seed included)
+    tags: dict[str, str]  # on the child's runs: the sweep, the child, and `sweep.<key>` = value
     target: object  # a validated stage config, or a pipeline Plan
 
 
@@ -71,7 +72,7 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
                 target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags)
             else:
                 target = load_stage_config(stage, child_overrides + [f"output_dir={root / child_id}"])
-            children.append(Child(child_id, values, target))
+            children.append(Child(child_id, values, tags, target))
     first = children[0].target
     tracking = next(iter(first.configs.values())).tracking if stage == "pipeline" else first.tracking
     return SweepPlan(stage, sweep_id, children, tracking, command)
@@ -82,7 +83,7 @@ def run_sweep(plan: SweepPlan) -> None:
 
     from aopd_cli.pipeline import run_pipeline
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import find_runs, start_run, run_tracker
+    from aopd_cli.tracking import find_runs, run_tracker, start_run
 
     console = Console()
     experiment, uri = plan.tracking.experiment, plan.tracking.uri
@@ -93,7 +94,8 @@ def run_sweep(plan: SweepPlan) -> None:
     finished = {run.data.tags.get("sweep_child") for run in find_runs(
         uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
         if run.data.tags.get("mlflow.parentRunId") == parent.run_id}
-    console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {len(finished & {c.child_id for c in plan.children})} already done")
+    done = len(finished & {child.child_id for child in plan.children})
+    console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {done} already done")
     try:
         for number, child in enumerate(plan.children, 1):
             label = " ".join(f"{k}={v}" for k, v in child.values.items())
@@ -101,12 +103,10 @@ def run_sweep(plan: SweepPlan) -> None:
                 console.print(f"[{number}/{len(plan.children)}] {label}: done before, skipped")
                 continue
             console.rule(f"[{number}/{len(plan.children)}] {label}")
-            tags = {"sweep_id": plan.sweep_id, "sweep_child": child.child_id,
-                    **{f"sweep.{k}": v for k, v in child.values.items()}}
-            if plan.stage == "pipeline":
+            if plan.stage == "pipeline":  # the plan carries the tags to the pipeline run and its stages
                 run_pipeline(child.target, parent_run_id=parent.run_id)
             else:
-                run_stage(child.target, parent_run_id=parent.run_id, tags=tags)
+                run_stage(child.target, parent_run_id=parent.run_id, tags=child.tags)
     except KeyboardInterrupt:
         console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
                       "(finished runs are kept and skipped)")

@@ -81,3 +81,18 @@ def test_compare_prints_the_table_and_writes_plots(swept, lab_cache):
 def test_compare_on_an_empty_store_says_what_to_do(tmp_path, lab_cache):
     result = run_aopd("compare", cwd=tmp_path, cache=lab_cache)
     assert result.returncode == 1 and "run a stage or a sweep first" in result.stderr
+
+
+def test_a_stage_sweep_tags_its_runs_and_compares_by_swept_value(swept, lab_cache):
+    work, _, _ = swept
+    teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
+    args = ["sweep", "distill", "--param", "tau=-1,1", f"student.path={teacher}", f"teacher.path={teacher}",
+            "train.steps=1", "train.batch_size=4", "train.micro_batch_size=4", "objective.top_k=4", "eval.limit=4",
+            "eval.n=2", "eval.k=[1]", "train.eval_every=0", "tracking.experiment=stage-sweep"]
+    result = run_aopd(*args, cwd=work, cache=lab_cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = connect(f"sqlite:///{work}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("stage-sweep").experiment_id], "tags.stage = 'distill'")
+    assert sorted(r.data.params["objective.tau"] for r in runs) == ["-1.0", "1.0"]
+    table = run_aopd("compare", "--experiment", "stage-sweep", "--out", "cmp2", cwd=work, cache=lab_cache)
+    assert "distill:aopd tau=-1" in table.stdout and "distill:aopd tau=1" in table.stdout
