@@ -126,3 +126,12 @@ def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tm
                                            f"output_dir={tmp_path / 'sync'}"])
     distill.run_distill(config)
     assert len(calls) == 3  # once per optimizer step, after it
+
+
+def test_gkd_off_policy_mix_is_refused_without_reference_responses(smoke, lab_cache):
+    work, _ = smoke
+    teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
+    result = run_aopd("continual", "objective=gkd", "objective.lmbda=0.5", f"student.path={teacher}",
+                      f"teacher.path={teacher}", "output_dir=gkd_refused", cwd=work, cache=lab_cache)
+    assert result.returncode == 1 and "objective.lmbda=0.5" in result.stderr and "use objective.lmbda=1" in result.stderr
+    assert not (work / "gkd_refused").exists()

@@ -17,6 +17,7 @@ import torch
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
 from aopd_cli.engine import check_compatible, load_policy, seed_everything
+from aopd_cli.errors import UserError
 from aopd_cli.eval import grade_math
 from aopd_cli.objectives import aopd_loss, exopd_loss, global_normalizer, gkd_loss, opd_loss, seqkd_loss
 from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
@@ -67,6 +68,10 @@ def prepare(config):
     or work starts: a missing dataset or checkpoint, or a teacher with another vocabulary, stops here."""
     seed_everything(config.seed)
     records = load_data(config.data, "prompts" if config.stage == "distill" else "tool_train")
+    if config.objective.name == "gkd" and config.objective.lmbda < 1 and not all(r.get("reference") for r in records):
+        raise UserError(f"objective.lmbda={config.objective.lmbda} mixes in the dataset's reference responses, but "
+                        f"data {config.data.source!r} has none for some prompts (DeepMath's r1_solution_1 gives them); "
+                        "use objective.lmbda=1")
     return (records, *load_models(config))
 
 
