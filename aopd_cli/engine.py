@@ -15,7 +15,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +34,6 @@ class Policy:
     tokenizer: object
     stop_ids: set[int]
     device: torch.device
-    name: str = "student"
 
 
 @dataclass
@@ -46,7 +45,6 @@ class MicroBatch:
     teacher: TeacherTopK | None = None
     base_logprobs_BT: torch.Tensor | None = None
     correct_B: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -110,7 +108,7 @@ def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int
             raise UserError(f"{role}.path: cannot load {path!r}: {str(err)[:300]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(model.to(device), tokenizer, stop_token_ids(tokenizer), device, name=role)
+    return Policy(model.to(device), tokenizer, stop_token_ids(tokenizer), device)
 
 
 def _fresh_lab_model(arch, tokenizer, seed: int):

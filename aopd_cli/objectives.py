@@ -72,7 +72,7 @@ class _ChunkedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, ids_NJ, chunk_size):
         n_rows = hidden_NH.shape[0]
-        out_dtype = _f32(weight_VH).dtype if weight_VH.dtype == torch.float64 else torch.float32
+        out_dtype = _at_least_f32(weight_VH.dtype)
         gathered_NJ = hidden_NH.new_empty(ids_NJ.shape, dtype=out_dtype)
         entropy_N = hidden_NH.new_empty(n_rows, dtype=out_dtype)
         for start in range(0, n_rows, chunk_size):
@@ -92,7 +92,7 @@ class _ChunkedGather(torch.autograd.Function):
     def backward(ctx, grad_gathered_NJ, _grad_entropy_N):
         hidden_NH, weight_VH, ids_NJ = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        accumulate_dtype = _f32(weight_VH).dtype
+        accumulate_dtype = _at_least_f32(weight_VH.dtype)
         grad_hidden_NH = torch.zeros_like(hidden_NH, dtype=accumulate_dtype) if want_hidden else None
         # the weight gradient accumulates in the weights' own dtype: a float32 copy of a 152k x 4096 head
         # would cost 2.3 GiB, more than all the chunks together (each chunk's matmul accumulates in fp32)
@@ -119,9 +119,13 @@ class _ChunkedGather(torch.autograd.Function):
         )
 
 
+def _at_least_f32(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _f32(x: torch.Tensor) -> torch.Tensor:
     """At least float32: bf16/fp16 are upcast, float64 (tests) is kept."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return x.to(_at_least_f32(x.dtype))
 
 
 def _student_view(student, tokens_BT, mask_BT, support_ids_BTK) -> _StudentView:
