@@ -135,8 +135,10 @@ def distill_loop(config, tracker, records, student, teacher, base, *, evaluate=N
             advantages.append(output.advantages.detach().float().cpu())
         return output
 
+    # seqkd samples from the frozen teacher: its engine has nothing to sync after a student update
+    sync = rollout.sync_weights if objective.name != "seqkd" else (lambda: None)
     checkpoint = train_loop(config, student, tracker, make_step=make_step, loss_fn=loss_fn,
-                            after_update=rollout.sync_weights, evaluate=evaluate, label=config.stage)
+                            after_update=sync, evaluate=evaluate, label=config.stage)
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 
