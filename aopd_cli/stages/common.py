@@ -59,14 +59,17 @@ def tracked_run(config, *, run_name: str | None, parent_run_id: str | None, tags
     tracker.close("FINISHED")
 
 
+def micro_batches(ids_BL, attn_BL, first_target: int, mask_BT, size: int) -> list[MicroBatch]:
+    """Consecutive rows cut into micro-batches of `size` sequences."""
+    return [MicroBatch(ids_BL[s:s + size], attn_BL[s:s + size], first_target, mask_BT[s:s + size])
+            for s in range(0, ids_BL.shape[0], size)]
+
+
 def rollout_micro_batches(batch: RolloutBatch, micro_batch_size: int) -> list[MicroBatch]:
     """Prompt + response sequences cut into micro-batches; targets are the response tokens."""
     ids_BL = torch.cat([batch.prompt_ids_BP, batch.response_ids_BR], dim=1)
     attn_BL = torch.cat([batch.prompt_mask_BP.long(), batch.response_mask_BR.long()], dim=1)
-    first_target = batch.prompt_ids_BP.shape[1]
-    return [MicroBatch(ids_BL[s:s + micro_batch_size], attn_BL[s:s + micro_batch_size], first_target,
-                       batch.response_mask_BR[s:s + micro_batch_size])
-            for s in range(0, ids_BL.shape[0], micro_batch_size)]
+    return micro_batches(ids_BL, attn_BL, batch.prompt_ids_BP.shape[1], batch.response_mask_BR, micro_batch_size)
 
 
 def progress_bar():

@@ -19,7 +19,7 @@ from aopd_cli.data.prompts import sft_example, tool_sft_messages
 from aopd_cli.engine import MicroBatch, load_policy, seed_everything
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.rollout import make_rollout, right_pad
-from aopd_cli.stages.common import StepBatch, open_run, sample_indices, tracked_run, train_loop
+from aopd_cli.stages.common import StepBatch, micro_batches, open_run, sample_indices, tracked_run, train_loop
 from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 
 
@@ -64,15 +64,13 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
             ids_BL, attn_BL = right_pad([ids for ids, _ in chosen], policy.tokenizer.pad_token_id)
             mask_BL, _ = right_pad([[int(m) for m in mask] for _, mask in chosen], 0, ids_BL.shape[1])
             mask_BT = (mask_BL[:, 1:] == 1) & attn_BL[:, 1:]
-            ids_BL, attn_BL = ids_BL.to(policy.device), attn_BL.long().to(policy.device)
-            micro = [MicroBatch(ids_BL[s:s + train.micro_batch_size], attn_BL[s:s + train.micro_batch_size], 1,
-                                mask_BT[s:s + train.micro_batch_size].to(policy.device))
-                     for s in range(0, len(chosen), train.micro_batch_size)]
+            micro = micro_batches(ids_BL, attn_BL.long(), 1, mask_BT, train.micro_batch_size)
             return StepBatch(micro, global_normalizer(mask_BT, "seq-mean-token-mean"),
                              {"train/response_len": float(mask_BT.sum(-1).float().mean())})
 
         def loss_fn(head, micro: MicroBatch, normalizer: int):
-            return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
+            device = head.hidden.device  # micro-batches stay on the CPU until their turn
+            return seqkd_loss(head, micro.targets_BT.to(device), micro.mask_BT.to(device), normalizer=normalizer)
 
         def evaluate(step: int) -> dict[str, float]:
             return evaluate_policy(policy, rollout, config.eval, seed=config.seed + step)[0]
