@@ -11,6 +11,7 @@ stage's config is composed and validated before the first stage starts. Command-
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,18 +103,15 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     from rich.console import Console
 
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import start_run
+    from aopd_cli.tracking import closing, start_run
 
     console = Console()
     first = next(iter(plan.configs.values()))
     parent = start_run(first.tracking, run_name=f"pipeline:{plan.experiment.name}",
                        tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
                        parent_run_id=parent_run_id)
-    results, status = {}, "FAILED"
-    try:
-        import time
-
-        timings = {}
+    results, timings = {}, {}
+    with closing(parent):
         for name, config in plan.configs.items():
             console.rule(f"[bold]{plan.experiment.name}: {name} ({config.stage})")
             started = time.perf_counter()
@@ -125,10 +123,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
         plan.root.mkdir(parents=True, exist_ok=True)
         (plan.root / "comparison.md").write_text(report)
         parent.log_artifact(plan.root / "comparison.md")
-        status = "FINISHED"
         return results
-    finally:
-        parent.close(status)
 
 
 def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:

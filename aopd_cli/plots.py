@@ -48,9 +48,9 @@ def _benchmark(run) -> str | None:
 
 def write_plots(runs, groups: dict[str, list], out: Path, tracking_uri) -> list[Path]:
     from aopd_cli.compare import CURVES
-    from aopd_cli.tracking import metric_history
+    from aopd_cli.tracking import connect, metric_history
 
-    plt, written = _pyplot(), []
+    plt, written, client = _pyplot(), [], connect(tracking_uri)
     training = {label: members for label, members in groups.items()
                 if members[0].data.tags.get("stage") in ("distill", "continual")}
     distill = {label: members for label, members in training.items() if members[0].data.tags["stage"] == "distill"}
@@ -58,11 +58,11 @@ def write_plots(runs, groups: dict[str, list], out: Path, tracking_uri) -> list[
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, members in sorted(distill.items()):
             key = metric.format(bench=_benchmark(members[0]) or "math_avg")
-            steps, values = _mean_curve([metric_history(tracking_uri, r.info.run_id, key) for r in members])
+            steps, values = _mean_curve([metric_history(client, r.info.run_id, key) for r in members])
             if steps:
                 ax.plot(steps, values, marker="o" if len(steps) < 15 else None, label=f"{label} (n={len(members)})")
         written.append(_save(fig, ax, out / file_name, title, "optimizer step", ylabel))
-    written.append(_advantage_histogram(training, out, tracking_uri))
+    written.append(_advantage_histogram(training, out, client))
     written.append(_final_bars(groups, out))
     continual = {label: m for label, m in training.items() if m[0].data.tags.get("stage") == "continual"}
     if continual:
@@ -70,12 +70,10 @@ def write_plots(runs, groups: dict[str, list], out: Path, tracking_uri) -> list[
     return written
 
 
-def _advantage_histogram(training: dict, out: Path, tracking_uri) -> Path:
+def _advantage_histogram(training: dict, out: Path, client) -> Path:
     import numpy as np
 
-    from aopd_cli.tracking import connect
-
-    client, plt = connect(tracking_uri), _pyplot()
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, members in sorted(training.items()):
         samples = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +28,20 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
+
+
+@contextmanager
+def closing(tracker: Tracker):
+    """Close the run as FINISHED, KILLED (Ctrl-C) or FAILED, however the block ends."""
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    tracker.close("FINISHED")
 
 
 class NullTracker:
@@ -152,8 +167,8 @@ def find_runs(tracking_uri: str | None, experiment: str, filter_string: str = ""
             return runs
 
 
-def metric_history(tracking_uri: str | None, run_id: str, key: str) -> list[tuple[int, float]]:
-    client = connect(tracking_uri)
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric; `client` from `connect` (one per command, not per call)."""
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 

@@ -7,7 +7,6 @@ evaluate, save) with its progress bar. Stages differ only in how they make a ste
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,19 +43,11 @@ def open_run(config, *, run_name: str | None, parent_run_id: str | None, tags: d
     return tracker
 
 
-@contextmanager
 def tracked_run(config, *, run_name: str | None, parent_run_id: str | None, tags: dict[str, str] | None = None):
     """`open_run`, closed as FINISHED, KILLED (Ctrl-C) or FAILED however the stage ends."""
-    tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-    try:
-        yield tracker
-    except KeyboardInterrupt:
-        tracker.close("KILLED")
-        raise
-    except BaseException:
-        tracker.close("FAILED")
-        raise
-    tracker.close("FINISHED")
+    from aopd_cli.tracking import closing
+
+    return closing(open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags))
 
 
 def micro_batches(ids_BL, attn_BL, first_target: int, mask_BT, size: int) -> list[MicroBatch]:
