@@ -7,6 +7,7 @@ each command imports its stage when it runs.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
@@ -23,31 +24,33 @@ app = typer.Typer(
 OVERRIDES = typer.Argument(None, help="Hydra-style overrides, e.g. objective=aopd objective.tau=0.5 train.steps=90")
 
 
-def _refuse(message: str, code: int = 2) -> None:
-    from rich.console import Console
+@contextmanager
+def refusals():
+    """A refused configuration exits 2, a user error 1: one line on stderr, no traceback."""
+    from aopd_cli.errors import ConfigError, UserError
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+    try:
+        yield
+    except (ConfigError, UserError) as err:
+        from rich.console import Console
+        from rich.markup import escape
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(2 if isinstance(err, ConfigError) else 1) from None
 
 
 def _load(stage: str, overrides: list[str] | None):
-    from aopd_cli.config.compose import ConfigError, load_stage_config
+    from aopd_cli.config.compose import load_stage_config
 
-    try:
-        return load_stage_config(stage, list(overrides or []))
-    except ConfigError as err:
-        _refuse(str(err).replace("[", "\\["))
+    return load_stage_config(stage, list(overrides or []))
 
 
 def _run(stage: str, overrides: list[str] | None) -> None:
-    config = _load(stage, overrides)
-    from aopd_cli.stages import run_stage
-    from aopd_cli.errors import UserError
+    with refusals():
+        config = _load(stage, overrides)
+        from aopd_cli.stages import run_stage
 
-    try:
         run_stage(config)
-    except UserError as err:
-        _refuse(str(err).replace("[", "\\["), code=1)
 
 
 @app.command()
@@ -79,18 +82,10 @@ def pipeline(overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Run an experiment's stages in order (experiment=NAME; default: the CPU lab).
 
     An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage."""
-    from aopd_cli.config.compose import ConfigError
-    from aopd_cli.errors import UserError
     from aopd_cli.pipeline import plan_pipeline, run_pipeline
 
-    try:
-        plan = plan_pipeline(list(overrides or []))
-    except ConfigError as err:
-        _refuse(str(err).replace("[", "\\["))
-    try:
-        run_pipeline(plan)
-    except UserError as err:
-        _refuse(str(err).replace("[", "\\["), code=1)
+    with refusals():
+        run_pipeline(plan_pipeline(list(overrides or [])))
 
 
 @app.command()
@@ -101,18 +96,10 @@ def sweep(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Run a grid of configurations (times seeds), one MLflow child run each; re-running resumes."""
-    from aopd_cli.config.compose import ConfigError
-    from aopd_cli.errors import UserError
     from aopd_cli.sweep import plan_sweep, run_sweep
 
-    try:
-        plan = plan_sweep(stage, list(param), seeds, list(overrides or []))
-    except ConfigError as err:
-        _refuse(str(err).replace("[", "\\["))
-    try:
-        run_sweep(plan)
-    except UserError as err:
-        _refuse(str(err).replace("[", "\\["), code=1)
+    with refusals():
+        run_sweep(plan_sweep(stage, list(param), seeds, list(overrides or [])))
 
 
 @app.command()
@@ -125,12 +112,9 @@ def compare(
 ) -> None:
     """Table and plots across runs (MLflow is the store)."""
     from aopd_cli.compare import run_compare
-    from aopd_cli.errors import UserError
 
-    try:
+    with refusals():
         run_compare(experiment=experiment, parent=parent, metrics=list(metric), out_dir=out, tracking_uri=tracking_uri)
-    except UserError as err:
-        _refuse(str(err).replace("[", "\\["), code=1)
 
 
 @app.command()
@@ -139,18 +123,15 @@ def show(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Print the resolved, validated config as YAML."""
-    if stage == "pipeline":
-        from aopd_cli.config.compose import ConfigError
-        from aopd_cli.pipeline import plan_pipeline, plan_yaml
+    with refusals():
+        if stage == "pipeline":
+            from aopd_cli.pipeline import plan_pipeline, plan_yaml
 
-        try:
             sys.stdout.write(plan_yaml(plan_pipeline(list(overrides or []))))
-        except ConfigError as err:
-            _refuse(str(err).replace("[", "\\["))
-        return
-    from aopd_cli.config.compose import to_yaml
+            return
+        from aopd_cli.config.compose import to_yaml
 
-    sys.stdout.write(to_yaml(_load(stage, overrides)))
+        sys.stdout.write(to_yaml(_load(stage, overrides)))
 
 
 if __name__ == "__main__":

@@ -14,16 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from aopd_cli import metrics as names
 from aopd_cli.errors import UserError
-
-CURVES = {  # file name -> (metric, title, y label)
-    "pass_at_1_vs_step.png": ("eval/{bench}/pass_at_1", "Pass@1 during distillation (paper Fig. 6)", "Pass@1"),
-    "intervention_ratio_vs_step.png": ("train/intervention_ratio", "AOPD intervention ratio (paper Fig. 4c)",
-                                       "share of tokens with G_t = 1"),
-    "entropy_vs_step.png": ("train/entropy", "Student entropy on its rollouts (paper Fig. 5)", "mean entropy (nats)"),
-    "grad_norm_vs_step.png": ("train/grad_norm", "Gradient norm (paper Fig. 4a)", "gradient norm (before clipping)"),
-}
-
 
 def _descendants(runs, parent_id: str) -> list:
     children = defaultdict(list)
@@ -35,12 +27,6 @@ def _descendants(runs, parent_id: str) -> list:
             found.append(run)
             frontier.append(run.info.run_id)
     return found
-
-
-def _is_final_metric(key: str) -> bool:
-    if key.startswith("retention/"):
-        return True
-    return key.startswith("eval/") and ("/pass_at_" in key or key.endswith(("/success", "/first_call")))
 
 
 def group_label(run) -> str:
@@ -78,7 +64,7 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
     if not runs:
         raise UserError(f"no finished distill/continual/eval runs in experiment {experiment!r}"
                         + (f" under run {parent}" if parent else "") + "; run a stage or a sweep first")
-    keys = metrics or sorted({k for r in runs for k in r.data.metrics if _is_final_metric(k)})
+    keys = metrics or sorted({k for r in runs for k in r.data.metrics if names.is_final(k)})
     groups: dict[str, list] = defaultdict(list)
     for run in runs:
         groups[group_label(run)].append(run)

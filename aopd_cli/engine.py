@@ -22,10 +22,11 @@ from typing import Callable
 import torch
 
 from aopd_cli.errors import UserError
-from aopd_cli.objectives import LMHead, ObjectiveOutput, TeacherTopK
+from aopd_cli.lm_head import LMHead
+from aopd_cli.objectives import ObjectiveOutput, TeacherTopK
 
 STATE_FILE = "training_state.pt"
-CONFIG_FILE = "aopd_config.yaml"
+CONFIG_FILE = "aopd_config.yaml"  # the resolved config, in a checkpoint and in a stage's output folder
 
 
 @dataclass
@@ -49,6 +50,15 @@ class MicroBatch:
     @property
     def targets_BT(self) -> torch.Tensor:
         return self.ids_BL[:, self.first_target:]
+
+    def to(self, device) -> "MicroBatch":
+        """This micro-batch with every tensor on `device` (micro-batches wait on the CPU for their turn)."""
+        def move(tensor):
+            return tensor.to(device) if tensor is not None else None
+
+        return MicroBatch(self.ids_BL.to(device), self.attn_BL.to(device), self.first_target, self.mask_BT.to(device),
+                          self.teacher.to(device) if self.teacher is not None else None,
+                          move(self.base_logprobs_BT), move(self.correct_B))
 
 
 def seed_everything(seed: int) -> None:
@@ -159,16 +169,15 @@ def _decoder_hidden(model, ids_BL, attn_BL) -> torch.Tensor:
 
 
 def student_head(model, micro: MicroBatch, chunk_size: int = 1024) -> LMHead:
-    device = model.get_output_embeddings().weight.device
-    hidden_BLH = _decoder_hidden(model, micro.ids_BL.to(device), micro.attn_BL.to(device))
+    """The decoder run once on a micro-batch (already on the model's device) and its output layer."""
+    hidden_BLH = _decoder_hidden(model, micro.ids_BL, micro.attn_BL)
     return LMHead(hidden_BLH[:, micro.first_target - 1:-1], model.get_output_embeddings().weight, chunk_size)
 
 
 @torch.no_grad()
 def target_hidden(model, micro: MicroBatch) -> torch.Tensor:
     """Last hidden states [B, T, H] at the positions that predict the targets (scorers only)."""
-    device = model.get_output_embeddings().weight.device
-    hidden_BLH = _decoder_hidden(model, micro.ids_BL.to(device), micro.attn_BL.to(device))
+    hidden_BLH = _decoder_hidden(model, micro.ids_BL, micro.attn_BL)
     return hidden_BLH[:, micro.first_target - 1:-1]
 
 
@@ -196,6 +205,7 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
     optimizer.zero_grad(set_to_none=True)
     total_loss, metric_sums, total_tokens = 0.0, {}, 0
     for micro in micro_batches:
+        micro = micro.to(policy.device)
         output = loss_fn(student_head(policy.model, micro), micro, normalizer)
         output.loss.backward()
         total_loss += float(output.loss.detach())

@@ -6,6 +6,9 @@ The student is given either as logits `[B,T,V]` or as an `LMHead` (hidden states
 embedding); the `LMHead` path computes logits chunk by chunk and recomputes them in backward, so its
 peak memory is bounded by `chunk_size * V`, never by `B*T*V`.
 
+`OBJECTIVES` is the one table of what each objective needs from the training loop (samples from whom,
+teacher scores, a frozen base, reference responses, correctness flags): the loop asks it, never the name.
+
 Reduction and micro-batching: a loss is `sum_t w_t * l_t` with the weights of `method.md`. Pass
 `normalizer=global_normalizer(full_batch_mask_BT, reduction)` when the batch is split into
 micro-batches (gradient accumulation, data parallelism): the micro-batch losses then add up to exactly the
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
+
+from aopd_cli.lm_head import LMHead, chunked_gather, to_f32
 
 Reduction = Literal["seq-mean-token-mean", "token-mean"]
 Support = Literal["raw", "renorm", "tail"]
@@ -39,6 +44,9 @@ class TeacherTopK:
     topk_ids: torch.Tensor  # [B,T,K] the K most likely ids, descending
     topk_logprobs: torch.Tensor  # [B,T,K] their full-vocabulary log-probs
 
+    def to(self, device) -> "TeacherTopK":
+        return TeacherTopK(self.token_logprobs.to(device), self.topk_ids.to(device), self.topk_logprobs.to(device))
+
 
 @dataclass
 class ObjectiveOutput:
@@ -48,84 +56,10 @@ class ObjectiveOutput:
 
 
 @dataclass(frozen=True)
-class LMHead:
-    """The student's output layer: logits = hidden @ weight.T, computed chunk by chunk."""
-
-    hidden: torch.Tensor  # [B,T,H]
-    weight: torch.Tensor  # [V,H]
-    chunk_size: int = 1024
-
-
-@dataclass(frozen=True)
 class _StudentView:
     token_logp_N: torch.Tensor  # log P_S(y_t), carries gradient
     support_logp_NK: torch.Tensor | None  # log P_S(v) for v in S_t, carries gradient
     entropy_N: torch.Tensor  # no gradient
-
-
-class _ChunkedGather(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T).gather(ids), without keeping [N,V] alive.
-
-    Backward recomputes each chunk's logits: d logp_j / d z = onehot(ids_j) - softmax(z).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, ids_NJ, chunk_size):
-        n_rows = hidden_NH.shape[0]
-        out_dtype = _at_least_f32(weight_VH.dtype)
-        gathered_NJ = hidden_NH.new_empty(ids_NJ.shape, dtype=out_dtype)
-        entropy_N = hidden_NH.new_empty(n_rows, dtype=out_dtype)
-        for start in range(0, n_rows, chunk_size):
-            stop = min(start + chunk_size, n_rows)
-            # the matmul runs in the weights' dtype (bf16 on GPUs), the softmax in float32
-            logits_CV = _f32(hidden_NH[start:stop] @ weight_VH.T)
-            logp_CV = torch.log_softmax(logits_CV, dim=-1)
-            gathered_NJ[start:stop] = logp_CV.gather(-1, ids_NJ[start:stop])
-            entropy_N[start:stop] = -(logp_CV.exp() * logp_CV).sum(-1)
-            del logits_CV, logp_CV
-        ctx.save_for_backward(hidden_NH, weight_VH, ids_NJ)
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(entropy_N)
-        return gathered_NJ, entropy_N
-
-    @staticmethod
-    def backward(ctx, grad_gathered_NJ, _grad_entropy_N):
-        hidden_NH, weight_VH, ids_NJ = ctx.saved_tensors
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        accumulate_dtype = _at_least_f32(weight_VH.dtype)
-        grad_hidden_NH = torch.zeros_like(hidden_NH, dtype=accumulate_dtype) if want_hidden else None
-        # the weight gradient accumulates in the weights' own dtype: a float32 copy of a 152k x 4096 head
-        # would cost 2.3 GiB, more than all the chunks together (each chunk's matmul accumulates in fp32)
-        grad_weight_VH = torch.zeros_like(weight_VH) if want_weight else None
-        grad_gathered_NJ = grad_gathered_NJ.to(accumulate_dtype)
-        for start in range(0, hidden_NH.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, hidden_NH.shape[0])
-            hidden_CH = hidden_NH[start:stop]
-            probs_CV = torch.softmax(_f32(hidden_CH @ weight_VH.T), dim=-1)
-            grad_CJ = grad_gathered_NJ[start:stop]
-            grad_logits_CV = probs_CV.mul_(-grad_CJ.sum(-1, keepdim=True))
-            grad_logits_CV.scatter_add_(-1, ids_NJ[start:stop], grad_CJ)
-            grad_logits_CV = grad_logits_CV.to(weight_VH.dtype)
-            if want_hidden:
-                grad_hidden_NH[start:stop] = grad_logits_CV @ weight_VH
-            if want_weight:
-                grad_weight_VH += grad_logits_CV.T @ hidden_CH.to(weight_VH.dtype)
-            del probs_CV, grad_logits_CV
-        return (
-            grad_hidden_NH.to(hidden_NH.dtype) if want_hidden else None,
-            grad_weight_VH.to(weight_VH.dtype) if want_weight else None,
-            None,
-            None,
-        )
-
-
-def _at_least_f32(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """At least float32: bf16/fp16 are upcast, float64 (tests) is kept."""
-    return x.to(_at_least_f32(x.dtype))
 
 
 def _student_view(student, tokens_BT, mask_BT, support_ids_BTK) -> _StudentView:
@@ -133,12 +67,10 @@ def _student_view(student, tokens_BT, mask_BT, support_ids_BTK) -> _StudentView:
     if support_ids_BTK is not None:
         ids_NJ = torch.cat([ids_NJ, support_ids_BTK[mask_BT]], dim=-1)
     if isinstance(student, LMHead):
-        gathered_NJ, entropy_N = _ChunkedGather.apply(
-            student.hidden[mask_BT], student.weight, ids_NJ, student.chunk_size
-        )
+        gathered_NJ, entropy_N = chunked_gather(student, student.hidden[mask_BT], ids_NJ)
     else:
         # float32 even for bf16 logits: log-softmax over a large vocabulary loses mass in bf16
-        logp_NV = torch.log_softmax(_f32(student[mask_BT]), dim=-1)
+        logp_NV = torch.log_softmax(to_f32(student[mask_BT]), dim=-1)
         gathered_NJ = logp_NV.gather(-1, ids_NJ)
         with torch.no_grad():
             entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
@@ -233,8 +165,8 @@ def _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps: flo
 
 def _teacher_flat(teacher: TeacherTopK, mask_BT):
     return (
-        _f32(teacher.token_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
-        _f32(teacher.topk_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
+        to_f32(teacher.token_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
+        to_f32(teacher.topk_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
     )
 
 
@@ -295,7 +227,7 @@ def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: to
     """ExOPD: -A^ex * log P_S(y_t), A^ex = lam (log P_T - log P_B) - (log P_S - log P_B)."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
     teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
-    base_logp_N = _f32(base_logprobs[mask]).clamp_min(LOGP_FLOOR)
+    base_logp_N = to_f32(base_logprobs[mask]).clamp_min(LOGP_FLOOR)
     adv_N = lam * (teacher_token_logp_N - base_logp_N) - (view.token_logp_N.detach() - base_logp_N)
     loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
@@ -311,3 +243,34 @@ def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-
     metrics = _diagnostics(view, None, None, 0.0)
     metrics["nll"] = float(-view.token_logp_N.detach().mean()) if view.token_logp_N.numel() else 0.0
     return ObjectiveOutput(loss, metrics)
+
+
+# ---------------------------------------------------------------- what each objective needs
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """What the loop must give an objective: `loss(student, tokens, mask, **inputs, **options, normalizer=)`."""
+
+    loss: Callable[..., ObjectiveOutput]
+    options: tuple[str, ...]  # config keys of the objective passed to `loss` as keyword arguments
+    inputs: tuple[str, ...] = ()  # per micro-batch: "teacher" (top-K scores), "base_logprobs", "correct"
+    samples_from: Literal["student", "teacher"] = "student"  # whose rollouts it trains on
+    references: bool = False  # a step may use the dataset's reference responses (probability 1 - lmbda)
+    grades: Callable[[Any], bool] = lambda objective: False  # needs per-sequence correctness flags?
+
+    @property
+    def teacher_scores(self) -> bool:
+        return "teacher" in self.inputs
+
+    @property
+    def frozen_base(self) -> bool:
+        return "base_logprobs" in self.inputs
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "aopd": ObjectiveSpec(aopd_loss, ("tau", "beta", "intervention", "zero_eps", "support", "reduction"),
+                          ("teacher", "correct"), grades=lambda objective: objective.intervention == "accuracy"),
+    "opd": ObjectiveSpec(opd_loss, ("reduction",), ("teacher",)),
+    "gkd": ObjectiveSpec(gkd_loss, ("beta", "support", "reduction"), ("teacher",), references=True),
+    "seqkd": ObjectiveSpec(seqkd_loss, ("reduction",), samples_from="teacher"),
+    "exopd": ObjectiveSpec(exopd_loss, ("lam", "reduction"), ("teacher", "base_logprobs")),
+}

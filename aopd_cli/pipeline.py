@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aopd_cli.config.compose import ConfigError, compose_dict, load_experiment, load_stage_config, to_yaml
+from aopd_cli.config.compose import (ConfigError, UnknownKey, UnknownOption, compose_dict, load_experiment,
+                                     load_stage_config, to_yaml)
+from aopd_cli import metrics as names
 from aopd_cli.config.schema import Experiment
 
 
@@ -88,10 +90,8 @@ def _accepts(stage: str, base: list[str], override: str) -> bool:
     """Does this stage have the key? Unknown keys skip the stage; values are validated with the rest."""
     try:
         compose_dict(stage, base + [override])
-    except ConfigError as err:
-        if "unknown key" in str(err) or "no such option" in str(err):
-            return False
-        raise
+    except (UnknownKey, UnknownOption):
+        return False
     return True
 
 
@@ -117,7 +117,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
             started = time.perf_counter()
             results[name] = run_stage(config, parent_run_id=parent.run_id, run_name=name, tags=plan.extra_tags)
             timings[name] = time.perf_counter() - started
-            parent.log_metrics({f"time/stage_{name}_s": timings[name]})
+            parent.log_metrics({names.seconds(f"stage_{name}"): timings[name]})
         report = comparison_report(plan.experiment, results, timings)
         console.print(report, highlight=False, soft_wrap=True, markup=False)
         plan.root.mkdir(parents=True, exist_ok=True)
@@ -131,16 +131,15 @@ def comparison_report(experiment: Experiment, results: dict, timings: dict[str, 
     the paper) and Table 2 (continual)."""
     lines = [f"# {experiment.name}: comparison", ""]
     keys = {key for metrics in results.values() if isinstance(metrics, dict) for key in metrics}
-    k = max([int(key.rsplit("_", 1)[1]) for key in keys if "/pass_at_" in key] or [4])
+    k = names.largest_k(keys) or 4
     if experiment.table1:
-        benches = sorted({key.split("/")[1] for label, stage in experiment.table1.items()
-                          for key in results.get(stage, {}) if key.endswith("pass_at_1") and "math_avg" not in key})
+        benches = names.math_benchmarks(key for stage in experiment.table1.values() for key in results.get(stage, {}))
         lines += [f"## Table 1: Pass@1 / Pass@{k}", "",
                   "| model | " + " | ".join(benches + ["average"]) + " |", "|---" * (len(benches) + 2) + "|"]
         for label, stage in experiment.table1.items():
             metrics = results.get(stage, {})
-            cells = [f"{_num(metrics.get(f'eval/{b}/pass_at_1'))} / {_num(metrics.get(f'eval/{b}/pass_at_{k}'))}"
-                     for b in benches + ["math_avg"]]
+            cells = [f"{_num(metrics.get(names.pass_at(b, 1)))} / {_num(metrics.get(names.pass_at(b, k)))}"
+                     for b in benches + [names.MATH_AVG]]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     if experiment.table2:
@@ -149,10 +148,11 @@ def comparison_report(experiment: Experiment, results: dict, timings: dict[str, 
                   "|---|---|---|---|---|---|"]
         for label, (before_stage, after_stage) in experiment.table2.items():
             before, after = results.get(before_stage, {}), results.get(after_stage, {})
-            tool_key = next((k for k in after if k.endswith("/success")), None)
-            first_key = next((k for k in after if k.endswith("/first_call")), None)
-            b, a = before.get(f"eval/math_avg/pass_at_{k}"), after.get(f"eval/math_avg/pass_at_{k}")
-            lines.append(f"| {label} | {_num(after.get(tool_key))} | {_num(after.get(first_key))} | {_num(b)} | "
+            tool = next(iter(names.tool_benchmarks(after)), None)
+            success = after.get(names.tool(tool, "success")) if tool else None
+            first_call = after.get(names.tool(tool, "first_call")) if tool else None
+            b, a = before.get(names.pass_at(names.MATH_AVG, k)), after.get(names.pass_at(names.MATH_AVG, k))
+            lines.append(f"| {label} | {_num(success)} | {_num(first_call)} | {_num(b)} | "
                          f"{_num(a)} | {_num(a - b if a is not None and b is not None else None, sign=True)} |")
         lines.append("")
     lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]

@@ -2,7 +2,6 @@
 
 MLflow is imported here and nowhere else, lazily. The default store is MLflow's own default, a SQLite
 file `mlflow.db` in the working directory; `tracking.uri` points elsewhere (e.g. http://host:5000).
-Only rank 0 of a distributed job tracks; the other ranks get the no-op tracker.
 
     python -m pytest tests/test_tracking.py -q
 """
@@ -126,10 +125,9 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
-def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
-              rank: int = 0) -> Tracker:
+def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> Tracker:
     """A tracker for one run. `tracking` is a TrackingConfig."""
-    if not tracking.enabled or rank != 0:
+    if not tracking.enabled:
         return NullTracker()
     client = connect(tracking.uri)
     all_tags = {"mlflow.runName": run_name, **tags}

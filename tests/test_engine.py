@@ -14,7 +14,7 @@ from aopd_cli.engine import (MicroBatch, check_compatible, load_policy, load_tra
 from aopd_cli.errors import UserError
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.rollout import make_rollout, mask_through_first_stop
-from aopd_cli.teacher import hf_scorer
+from aopd_cli.scoring import hf_scorer
 
 TINY = ModelConfig(arch=LabArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                                 intermediate_size=64))

@@ -41,7 +41,7 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     assert "eval/lab_math/pass_at_1" in runs["eval_sft"].data.metrics
     assert "retention/math_pass_at_2_change" in runs["aopd_tools"].data.metrics
     artifacts = {a.path for a in client.list_artifacts(aopd_run.info.run_id)}
-    assert {"config.yaml", "advantages.png"} <= artifacts
+    assert {"aopd_config.yaml", "advantages.png"} <= artifacts
     assert "samples.jsonl" in {a.path for a in client.list_artifacts(runs["eval_sft"].info.run_id)}
     assert (work / "outputs/lab_smoke/comparison.md").is_file()
 
@@ -107,18 +107,19 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
 
 def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
     import aopd_cli.stages.distill as distill
+    import aopd_cli.stages.onpolicy as onpolicy
     from aopd_cli.config.compose import load_stage_config
     from aopd_cli.rollout import Rollout
 
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
     calls = []
-    real_make_rollout = distill.make_rollout
+    real_make_rollout = onpolicy.make_rollout
 
     def counting_rollout(engine, policy, cfg, batch_size=256):
         rollout = real_make_rollout(engine, policy, cfg, batch_size)
         return Rollout(rollout.generate, lambda: calls.append(len(calls)))
 
-    monkeypatch.setattr(distill, "make_rollout", counting_rollout)
+    monkeypatch.setattr(onpolicy, "make_rollout", counting_rollout)
     monkeypatch.setenv("AOPD_CACHE", str(lab_cache))
     config = load_stage_config("distill", [f"student.path={teacher}", f"teacher.path={teacher}", "train.steps=3",
                                            "train.batch_size=4", "train.micro_batch_size=2", "objective.top_k=4",

@@ -1,6 +1,6 @@
 """Compose `recipes/` with Hydra's compose API and validate the result once (the only Hydra import).
 
-Errors become one `ConfigError` whose message names the dotted key, the bad value and what is allowed;
+Errors become a `ConfigError` (`UnknownKey`, `UnknownOption` where that is the cause) whose message names the dotted key, the bad value and what is allowed;
 the CLI prints it and exits 2 before anything is written.
 
     aopd show warmup train.steps=10
@@ -16,13 +16,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from aopd_cli.config.schema import OBJECTIVES, STAGE_MODELS, Experiment
+from aopd_cli.config.schema import OBJECTIVE_MODELS, STAGE_MODELS, Experiment
+from aopd_cli.errors import ConfigError, UnknownKey, UnknownOption
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ConfigError(ValueError):
-    """A refused configuration; the message is for the user."""
+__all__ = ["ConfigError", "UnknownKey", "UnknownOption", "load_stage_config", "load_experiment"]
 
 
 def recipes_dir() -> Path:
@@ -50,29 +48,29 @@ def compose_dict(stage: str, overrides: list[str]) -> dict[str, Any]:
             cfg = compose(config_name=stage, overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)
     except MissingConfigException as err:
-        raise ConfigError(_missing_option_message(err, overrides)) from None
+        raise _missing_option_error(err, overrides) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse override: {err}") from None
     except ConfigCompositionException as err:
-        raise ConfigError(_composition_message(stage, err, overrides)) from None
+        raise _composition_error(stage, err, overrides) from None
 
 
-def _missing_option_message(err, overrides: list[str]) -> str:
+def _missing_option_error(err, overrides: list[str]) -> ConfigError:
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if (recipes_dir() / key).is_dir() and value not in group_options(key):
             options = group_options(key)
             hint = difflib.get_close_matches(value, options, n=1)
             did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            return f"{key}={value}: no such option{did_you_mean}; allowed: {', '.join(options)}"
-    return str(err).strip()
+            return UnknownOption(f"{key}={value}: no such option{did_you_mean}; allowed: {', '.join(options)}")
+    return ConfigError(str(err).strip())
 
 
-def _composition_message(stage: str, err, overrides: list[str]) -> str:
+def _composition_error(stage: str, err, overrides: list[str]) -> ConfigError:
     text = str(err)
     bad = next((o for o in overrides if f"'{o.split('=')[0]}'" in text), None)
     if bad is None:
-        return text.strip()
+        return ConfigError(text.strip())
     key, _, value = bad.partition("=")
     known = flat_keys(compose_dict(stage, [o for o in overrides if o != bad]))
     hint = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
@@ -80,7 +78,7 @@ def _composition_message(stage: str, err, overrides: list[str]) -> str:
     parent = key.rpartition(".")[0]
     siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
     allowed = f" Keys under {parent!r}: {', '.join(siblings)}." if siblings and parent else ""
-    return f"{key}={value}: unknown key{did_you_mean}.{allowed}"
+    return UnknownKey(f"{key}={value}: unknown key{did_you_mean}.{allowed}")
 
 
 def sweep_values(key: str, values: str) -> list[str]:
@@ -130,13 +128,13 @@ def _validation_message(err: ValidationError, raw: dict) -> str:
     lines = []
     for issue in err.errors():
         loc = [str(part) for part in issue["loc"]]
-        if len(loc) >= 2 and loc[0] == "objective" and loc[1] in OBJECTIVES:
+        if len(loc) >= 2 and loc[0] == "objective" and loc[1] in OBJECTIVE_MODELS:
             loc.pop(1)  # the union's tag: the user wrote objective.tau, not objective.aopd.tau
         key = ".".join(loc) or "<root>"
         if issue["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key{_extra_hint(loc, raw)}")
         elif issue["type"] == "union_tag_invalid":
-            lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVES)}, got {issue['input']!r}")
+            lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVE_MODELS)}, got {issue['input']!r}")
         else:
             lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg']}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
@@ -146,7 +144,7 @@ def _extra_hint(loc: list[str], raw: dict) -> str:
     parent_path, name = loc[:-1], loc[-1]
     if parent_path == ["objective"]:
         objective_name = raw.get("objective", {}).get("name")
-        model = OBJECTIVES.get(objective_name)
+        model = OBJECTIVE_MODELS.get(objective_name)
         if model is not None:
             allowed = [f for f in model.model_fields if f != "name"]
             hint = difflib.get_close_matches(name, allowed, n=1)

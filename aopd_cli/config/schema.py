@@ -100,7 +100,7 @@ Objective = Annotated[
     Union[AopdObjective, OpdObjective, GkdObjective, SeqkdObjective, ExopdObjective],
     Field(discriminator="name"),
 ]
-OBJECTIVES = {"aopd": AopdObjective, "opd": OpdObjective, "gkd": GkdObjective, "seqkd": SeqkdObjective,
+OBJECTIVE_MODELS = {"aopd": AopdObjective, "opd": OpdObjective, "gkd": GkdObjective, "seqkd": SeqkdObjective,
               "exopd": ExopdObjective}
 
 
@@ -192,7 +192,6 @@ class EvalStageConfig(Strict):
     output_dir: str = "outputs/eval"
 
 
-StageConfig = WarmupConfig | DistillConfig | EvalStageConfig
 STAGE_MODELS: dict[str, type[Strict]] = {
     "warmup": WarmupConfig, "distill": DistillConfig, "continual": DistillConfig, "eval": EvalStageConfig,
 }

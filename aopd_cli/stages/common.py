@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from aopd_cli.engine import MicroBatch, Policy, make_optimizer, save_checkpoint, update
+from aopd_cli import metrics as names
+from aopd_cli.engine import CONFIG_FILE, MicroBatch, Policy, make_optimizer, save_checkpoint, update
 from aopd_cli.rollout import RolloutBatch
 
 
@@ -38,8 +39,8 @@ def open_run(config, *, run_name: str | None, parent_run_id: str | None, tags: d
     tracker.log_params(flatten(config.model_dump(mode="json")))
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(to_yaml(config))
-    tracker.log_artifact(out_dir / "config.yaml")
+    (out_dir / CONFIG_FILE).write_text(to_yaml(config))
+    tracker.log_artifact(out_dir / CONFIG_FILE)
     return tracker
 
 
@@ -83,16 +84,16 @@ def train_loop(config, policy: Policy, tracker, *, make_step: Callable[[int], St
         for step in range(train.steps):
             started = time.perf_counter()
             batch = make_step(step)
-            update_started = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            loss, grad_norm, objective_metrics = update(policy, optimizer, scheduler, batch.micro_batches, loss_fn,
-                                                        batch.normalizer, train.grad_clip)
-            after_update()
-            now = time.perf_counter()
+            timings: dict[str, float] = {}
+            with names.timed("update", timings):
+                loss, grad_norm, objective_metrics = update(policy, optimizer, scheduler, batch.micro_batches,
+                                                            loss_fn, batch.normalizer, train.grad_clip)
+                after_update()
             tokens = sum(int(m.mask_BT.sum()) for m in batch.micro_batches)
-            metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr,
-                       "train/tokens_per_s": tokens / max(now - started, 1e-9), "time/update_s": now - update_started,
-                       **{f"train/{k}": v for k, v in objective_metrics.items()}, **batch.metrics}
+            metrics = {names.train("loss"): loss, names.train("grad_norm"): grad_norm, names.train("lr"): lr,
+                       names.train("tokens_per_s"): tokens / max(time.perf_counter() - started, 1e-9), **timings,
+                       **{names.train(k): v for k, v in objective_metrics.items()}, **batch.metrics}
             if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
                 tracker.log_metrics(metrics, step=step + 1)
             if evaluate is not None and train.eval_every and (step + 1) % train.eval_every == 0 \

@@ -13,14 +13,14 @@ import random
 import shutil
 from pathlib import Path
 
-
+from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import sft_example, tool_sft_messages
 from aopd_cli.engine import MicroBatch, load_policy, seed_everything
+from aopd_cli.eval.harness import evaluate_policy, print_metrics
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.rollout import make_rollout, right_pad
 from aopd_cli.stages.common import StepBatch, micro_batches, open_run, sample_indices, tracked_run, train_loop
-from aopd_cli.stages.evaluate import evaluate_policy, print_metrics
 
 
 def cache_key(config) -> str:
@@ -66,11 +66,10 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
             mask_BT = (mask_BL[:, 1:] == 1) & attn_BL[:, 1:]
             micro = micro_batches(ids_BL, attn_BL.long(), 1, mask_BT, train.micro_batch_size)
             return StepBatch(micro, global_normalizer(mask_BT, "seq-mean-token-mean"),
-                             {"train/response_len": float(mask_BT.sum(-1).float().mean())})
+                             {names.train("response_len"): float(mask_BT.sum(-1).float().mean())})
 
         def loss_fn(head, micro: MicroBatch, normalizer: int):
-            device = head.hidden.device  # micro-batches stay on the CPU until their turn
-            return seqkd_loss(head, micro.targets_BT.to(device), micro.mask_BT.to(device), normalizer=normalizer)
+            return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
 
         def evaluate(step: int) -> dict[str, float]:
             return evaluate_policy(policy, rollout, config.eval, seed=config.seed + step)[0]

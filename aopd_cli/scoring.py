@@ -1,5 +1,6 @@
-"""Teacher scorers: for given prompt + response sequences, the teacher's top-K ids and log-probs and the
+"""Scorers: for given prompt + response sequences, a frozen model's top-K ids and log-probs and the
 log-prob of each sampled token on the response positions (`TeacherTopK`, defined with the objectives).
+They score the teacher, and the frozen base of ExOPD (its token log-probs).
 
 `hf_scorer` runs an HF model in-process. It runs the decoder once per micro-batch, then computes logits
 `chunk_size` positions at a time, so at most `chunk_size x V` float32 logits are alive (at 8k-token
@@ -28,11 +29,12 @@ def hf_scorer(policy, top_k: int, chunk_size: int = 1024) -> Scorer:
     def score(micro: MicroBatch) -> TeacherTopK:
         was_training = policy.model.training
         policy.model.eval()
+        micro = micro.to(policy.device)
         hidden_BTH = target_hidden(policy.model, micro)
         policy.model.train(was_training)
         batch, width = hidden_BTH.shape[:2]
         hidden_NH = hidden_BTH.reshape(batch * width, -1)
-        targets_N = micro.targets_BT.reshape(-1).to(hidden_NH.device)
+        targets_N = micro.targets_BT.reshape(-1)
         k = min(top_k, head.weight.shape[0])
         token_logp_N = torch.empty(batch * width, dtype=torch.float32, device=hidden_NH.device)
         topk_logp_NK = torch.empty(batch * width, k, dtype=torch.float32, device=hidden_NH.device)

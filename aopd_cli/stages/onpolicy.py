@@ -1,0 +1,151 @@
+"""The rollout-score-update loop that `distill` and `continual` share. Each step samples
+`train.batch_size` prompts, rolls out the sampler the objective asks for (the student, or the teacher for
+seqkd; the dataset's reference responses with probability 1 - lmbda for gkd), scores the sequences with
+the teacher (and the frozen base for exopd), grades them where the objective needs correctness flags,
+computes the objective over micro-batches with the whole batch's normaliser, steps the optimizer and
+syncs the rollout weights. What an objective needs comes from `objectives.OBJECTIVES`, never its name.
+
+    aopd distill objective=opd train.steps=10
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from aopd_cli import metrics as names
+from aopd_cli.data.loaders import load_data
+from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
+from aopd_cli.engine import check_compatible, load_policy, seed_everything
+from aopd_cli.errors import UserError
+from aopd_cli.eval import grade_math
+from aopd_cli.objectives import OBJECTIVES, global_normalizer
+from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
+from aopd_cli.scoring import hf_scorer
+from aopd_cli.stages.common import StepBatch, rollout_micro_batches, sample_indices, train_loop
+
+ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
+
+
+def prepare(config):
+    """Seeds, the prompts (math for distill, tools for continual) and the models, checked before any run
+    or work starts: a missing dataset or checkpoint, or a teacher with another vocabulary, stops here."""
+    seed_everything(config.seed)
+    records = load_data(config.data, "prompts" if config.stage == "distill" else "tool_train")
+    spec = OBJECTIVES[config.objective.name]
+    if spec.references and config.objective.lmbda < 1 and not all(r.get("reference") for r in records):
+        raise UserError(f"objective.lmbda={config.objective.lmbda} mixes in the dataset's reference responses, but "
+                        f"data {config.data.source!r} has none for some prompts (DeepMath's r1_solution_1 gives them); "
+                        "use objective.lmbda=1")
+    return (records, *load_models(config))
+
+
+def load_models(config):
+    """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary."""
+    student = load_policy(config.student, role="student", seed=config.seed)
+    teacher = load_policy(config.teacher, role="teacher", device=student.device)
+    check_compatible(student, teacher, "teacher")
+    teacher.model.requires_grad_(False)
+    base = None
+    if OBJECTIVES[config.objective.name].frozen_base:
+        base = load_policy(config.base or config.student, role="base", device=student.device, seed=config.seed)
+        check_compatible(student, base, "base")
+        base.model.requires_grad_(False)
+    return student, teacher, base
+
+
+def objective_loss(objective):
+    """(head, micro, normalizer) -> ObjectiveOutput for the configured objective (micro on the device)."""
+    spec = OBJECTIVES[objective.name]
+    options = {key: getattr(objective, key) for key in spec.options}
+
+    def loss(head, micro, normalizer):
+        available = {"teacher": micro.teacher, "base_logprobs": micro.base_logprobs_BT, "correct": micro.correct_B}
+        inputs = {key: available[key] for key in spec.inputs}
+        return spec.loss(head, micro.targets_BT, micro.mask_BT, **inputs, **options, normalizer=normalizer)
+    return loss
+
+
+def _reference_batch(policy, prompts, references) -> RolloutBatch:
+    """GKD's off-policy half: the dataset's reference responses in the rollout layout."""
+    prompt_ids, prompt_mask = left_pad(prompts, policy.tokenizer.pad_token_id)
+    end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    suffix = [end] if end in policy.stop_ids else [policy.tokenizer.eos_token_id]
+    responses = [policy.tokenizer(text, add_special_tokens=False)["input_ids"] + suffix for text in references]
+    response_ids, valid = right_pad(responses, policy.tokenizer.pad_token_id)
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, mask_through_first_stop(response_ids, policy.stop_ids,
+                                                                                         valid), list(range(len(prompts))))
+
+
+def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=None) -> tuple[Path, torch.Tensor]:
+    """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen."""
+    objective, train, rollout_cfg = config.objective, config.train, config.rollout
+    spec = OBJECTIVES[objective.name]
+    is_math = config.stage == "distill"
+    prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math
+                        else tool_messages(r, config.data.prompt_style), add_generation_prompt=True) for r in records]
+    sampler = student if spec.samples_from == "student" else teacher
+    rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
+    score = hf_scorer(teacher, objective.top_k) if spec.teacher_scores else None
+    score_base = hf_scorer(base, 1) if spec.frozen_base else None
+    rng, advantages = random.Random(config.seed), []
+
+    def make_step(step: int) -> StepBatch:
+        timings: dict[str, float] = {}
+        with names.timed("rollout", timings):
+            chosen = sample_indices(rng, len(records), train.batch_size)
+            if spec.references and rng.random() >= objective.lmbda:
+                batch = _reference_batch(student, [prompts[i] for i in chosen],
+                                         [records[i].get("reference") or "" for i in chosen])
+            else:
+                batch = rollout.generate([prompts[i] for i in chosen], n=rollout_cfg.n,
+                                         temperature=rollout_cfg.temperature,
+                                         max_new_tokens=rollout_cfg.max_new_tokens, seed=config.seed * 100003 + step)
+        micro_batches = rollout_micro_batches(batch, train.micro_batch_size)
+        with names.timed("teacher", timings):
+            for micro in micro_batches:
+                if score is not None:
+                    micro.teacher = score(micro)
+                if score_base is not None:
+                    micro.base_logprobs_BT = score_base(micro).token_logprobs
+            if spec.grades(objective):
+                correct = _grade(student, batch, [records[chosen[i]]["answer"] for i in batch.prompt_index_B])
+                for start, micro in zip(range(0, len(correct), train.micro_batch_size), micro_batches):
+                    micro.correct_B = correct[start:start + micro.ids_BL.shape[0]]
+        response_len = float(batch.response_mask_BR.sum(-1).float().mean())
+        return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction),
+                         {**timings, names.train("response_len"): response_len})
+
+    base_loss = objective_loss(objective)
+
+    def loss_fn(head, micro, normalizer):
+        output = base_loss(head, micro, normalizer)
+        if output.advantages is not None and sum(a.numel() for a in advantages) < ADVANTAGE_SAMPLE:
+            advantages.append(output.advantages.detach().float().cpu())
+        return output
+
+    # a frozen teacher's engine has nothing to sync after a student update
+    sync = rollout.sync_weights if spec.samples_from == "student" else (lambda: None)
+    checkpoint = train_loop(config, student, tracker, make_step=make_step, loss_fn=loss_fn,
+                            after_update=sync, evaluate=evaluate, label=config.stage)
+    return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
+
+
+def _grade(policy, batch: RolloutBatch, answers: list[str]) -> torch.Tensor:
+    texts = [policy.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
+             for ids, mask in zip(batch.response_ids_BR, batch.response_mask_BR)]
+    return torch.tensor([grade_math(text, answer) for text, answer in zip(texts, answers)], dtype=torch.bool)
+
+
+def log_advantages(tracker, advantages: torch.Tensor, out_dir: Path, objective: str) -> None:
+    """The sample of advantages seen in training: raw (for `aopd compare`) and as a histogram PNG."""
+    import numpy as np
+
+    from aopd_cli.plots import advantage_histogram
+
+    np.save(out_dir / "advantages.npy", advantages.numpy())
+    tracker.log_artifact(out_dir / "advantages.npy")
+    tracker.log_artifact(advantage_histogram({objective: advantages.numpy()}, out_dir / "advantages.png",
+                                             f"Advantages seen in training ({objective})"))
