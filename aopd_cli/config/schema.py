@@ -17,10 +17,12 @@ MATH_PROMPT_SUFFIX = "Please reason step by step, and put your final answer with
 Reduction = Literal["seq-mean-token-mean", "token-mean"]
 Support = Literal["raw", "renorm", "tail"]
 StageName = Literal["warmup", "distill", "continual", "eval"]
+Resume = Literal["auto", "never"]  # rerun continues from the newest step checkpoint, or starts afresh
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # non-finite floats (lr=inf, lam=nan) are refused everywhere: they only ever train NaN weights
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class LabArch(Strict):
@@ -123,8 +125,14 @@ class TrainConfig(Strict):
     grad_clip: float = Field(1.0, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
-    save_every: int = Field(0, ge=0)  # 0: only at the end
+    save_every: int = Field(0, ge=0)  # 0: only at the end; a resumable step_N checkpoint every N steps
+    keep_last: int = Field(2, ge=1)  # step_N checkpoints kept (older ones are removed once a newer one is whole)
     log_every: int = Field(1, ge=1)
+    max_skipped: int = Field(3, ge=1)  # consecutive steps with a non-finite loss or gradient before the stage stops
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward (memory for time)
+    max_seq_len: int | None = Field(None, ge=2)  # longest training sequence (prompt + response), in tokens
+    too_long: Literal["truncate", "drop"] = "truncate"  # what happens to a longer warm-up example (counted)
+    micro_batch_tokens: int | None = Field(None, ge=1)  # micro-batches by token budget (padded), else by count
 
 
 class EvalConfig(Strict):
@@ -162,6 +170,7 @@ class WarmupConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: str = "outputs/warmup"
+    resume: Resume = "auto"
     reuse_cached: bool = False  # reuse a checkpoint trained from the same config (content hash)
 
 
@@ -180,6 +189,7 @@ class DistillConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: str = "outputs/distill"
+    resume: Resume = "auto"
 
 
 class EvalStageConfig(Strict):
@@ -190,6 +200,7 @@ class EvalStageConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: str = "outputs/eval"
+    resume: Resume = "auto"
 
 
 STAGE_MODELS: dict[str, type[Strict]] = {
