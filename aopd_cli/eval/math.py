@@ -35,10 +35,12 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
-def _grade_here(response: str, gold: str) -> bool:
+def _grade_here(response: str, gold: str, require_boxed: bool = False) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     boxed = extract_boxed(response)
+    if boxed is None and require_boxed:
+        return False
     target = f"\\boxed{{{boxed}}}" if boxed is not None else response
     pred = parse(target, extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
                  parsing_timeout=TIMEOUT_S)
@@ -50,17 +52,18 @@ def _grade_here(response: str, gold: str) -> bool:
     return bool(verify(gold_parsed, pred, timeout_seconds=TIMEOUT_S))
 
 
-def grade_math(response: str, gold: str) -> bool:
-    """True when the response's final answer equals the gold answer (math-verify equivalence)."""
+def grade_math(response: str, gold: str, *, require_boxed: bool = False) -> bool:
+    """True when the response's final answer equals the gold answer (math-verify equivalence). With
+    `require_boxed`, a response without `\\boxed{}` (a truncated one, say) is wrong whatever its text."""
     if threading.current_thread() is threading.main_thread():
         try:
-            return _grade_here(response, gold)
+            return _grade_here(response, gold, require_boxed)
         except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, never a crash
             return False
     global _pool
     if _pool is None:
         _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    future = _pool.submit(_grade_here, response, gold)
+    future = _pool.submit(_grade_here, response, gold, require_boxed)
     try:
         return future.result(timeout=3 * TIMEOUT_S)
     except Exception:  # noqa: BLE001 - timed out or failed: wrong

@@ -27,7 +27,8 @@ def run_distill(config, *, parent_run_id: str | None = None, run_name: str | Non
         if config.train.eval_every and config.eval.benchmarks:
             tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
         checkpoint, advantages = onpolicy_loop(config, tracker, records, student, teacher, base, evaluate=evaluate)
-        metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed + config.train.steps)[0]
+        # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
+        metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)[0]
         tracker.log_metrics(metrics, step=config.train.steps)
         print_metrics(f"distill {run_name or config.objective.name}", metrics, config.eval)
         log_advantages(tracker, advantages, Path(config.output_dir), config.objective.name)

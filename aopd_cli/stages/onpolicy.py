@@ -20,7 +20,7 @@ from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
 from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.errors import UserError
-from aopd_cli.eval import grade_math
+from aopd_cli.eval import grade_math, grade_tool_calls
 from aopd_cli.objectives import OBJECTIVES, global_normalizer
 from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
 from aopd_cli.scoring import hf_scorer
@@ -111,7 +111,7 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
                 if score_base is not None:
                     micro.base_logprobs_BT = score_base(micro).token_logprobs
             if spec.grades(objective):
-                correct = _grade(student, batch, [records[chosen[i]]["answer"] for i in batch.prompt_index_B])
+                correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
                 for start, micro in zip(range(0, len(correct), train.micro_batch_size), micro_batches):
                     micro.correct_B = correct[start:start + micro.ids_BL.shape[0]]
         response_len = float(batch.response_mask_BR.sum(-1).float().mean())
@@ -133,10 +133,15 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 
-def _grade(policy, batch: RolloutBatch, answers: list[str]) -> torch.Tensor:
+def _grade(policy, batch: RolloutBatch, records: list[dict]) -> torch.Tensor:
+    """Per response: correct? Math prompts by their answer (a response without `\\boxed{}` is wrong, as
+    method.md's "trajectories with incorrect final answers" asks), tool prompts by their golden calls."""
     texts = [policy.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
              for ids, mask in zip(batch.response_ids_BR, batch.response_mask_BR)]
-    return torch.tensor([grade_math(text, answer) for text, answer in zip(texts, answers)], dtype=torch.bool)
+    return torch.tensor([grade_math(text, record["answer"], require_boxed=True) if "answer" in record
+                         else grade_tool_calls(text, [{"action": s["action"], "action_input": s["action_input"]}
+                                                      for s in record["steps"]]).success
+                         for text, record in zip(texts, records)], dtype=torch.bool)
 
 
 def log_advantages(tracker, advantages: torch.Tensor, out_dir: Path, objective: str) -> None:
