@@ -26,13 +26,15 @@ class Strict(BaseModel):
 
 
 class LabArch(Strict):
-    """A tiny Qwen3 built from a config (the lab); the tokenizer is the lab's."""
+    """A tiny Qwen3 built from a config (the lab); the tokenizer is the lab's. The default is the lab's
+    student: head_dim 32 because vLLM's CPU attention supports no smaller head (16 fails at the first
+    generate), so the lab runs on both rollout engines."""
 
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
-    num_heads: int = Field(4, ge=1)
-    num_kv_heads: int = Field(2, ge=1)
-    head_dim: int = Field(16, ge=4)
+    num_heads: int = Field(2, ge=1)
+    num_kv_heads: int = Field(1, ge=1)
+    head_dim: int = Field(32, ge=4)
     intermediate_size: int = Field(128, ge=8)
 
 
