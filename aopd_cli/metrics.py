@@ -1,7 +1,8 @@
 """Metric names, built and parsed here and nowhere else.
 
 - `eval/<benchmark>/pass_at_<k>`, `eval/math_avg/pass_at_<k>`, `eval/<tool benchmark>/success` and
-  `.../first_call`: evaluations (at a training step, or the eval stage's step 0);
+  `.../first_call`: evaluations (at a training step, or the eval stage's step 0); `eval/<benchmark>/greedy`:
+  accuracy (math) or success (tools) of greedy decoding, where `eval.greedy` asks for it;
 - `retention/math_pass_at_<k>_{before,after,change}`: the continual stage's math around it (Table 2);
 - `train/<name>`: per optimizer step; `time/<name>_s`: wall seconds of a phase.
 
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from typing import Iterable, Literal
 
 MATH_AVG = "math_avg"
-EvalKind = Literal["pass_at", "success", "first_call"]
+EvalKind = Literal["pass_at", "success", "first_call", "greedy"]
 Retention = Literal["before", "after", "change"]
 
-_EVAL_RE = re.compile(r"^eval/(?P<bench>[^/]+)/(?:pass_at_(?P<k>\d+)|(?P<kind>success|first_call))$")
+_EVAL_RE = re.compile(r"^eval/(?P<bench>[^/]+)/(?:pass_at_(?P<k>\d+)|(?P<kind>success|first_call|greedy))$")
 _RETENTION_RE = re.compile(r"^retention/math_pass_at_(?P<k>\d+)_(?P<which>before|after|change)$")
 
 
@@ -31,6 +32,11 @@ def pass_at(bench: str, k: int) -> str:
 def tool(bench: str, kind: Literal["success", "first_call"]) -> str:
     """Tool-call success rate (whole golden sequence matched) or first-call accuracy."""
     return f"eval/{bench}/{kind}"
+
+
+def greedy(bench: str) -> str:
+    """Greedy decoding's accuracy (math) or success rate (tools): one sample, no sampling noise."""
+    return f"eval/{bench}/greedy"
 
 
 @dataclass(frozen=True)
