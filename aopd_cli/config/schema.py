@@ -148,6 +148,7 @@ class EvalConfig(Strict):
     batch_size: int = Field(64, ge=1)  # sequences per generate call
     prompt_suffix: str = MATH_PROMPT_SUFFIX
     tool_prompt_style: Literal["full", "compact"] = "full"
+    greedy: bool = False  # also greedy decoding: `eval/<benchmark>/greedy` beside the sampled Pass@k
 
     @model_validator(mode="after")
     def _k_le_n(self):
