@@ -1,5 +1,6 @@
 """In-process rollouts with HF `generate`: batched, KV cache, n samples per prompt, temperature sampling
-over the full vocabulary (no top-k, no top-p), stop on EOS and on the end-of-turn token.
+over the full vocabulary (no top-k, no top-p) or greedy (temperature 0), stop on EOS and on the end-of-turn
+token, and on optional stop strings.
 
     python -m pytest tests/test_engine.py -q -k rollout
 """
@@ -13,14 +14,18 @@ from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first
 
 def hf_rollout(policy, batch_size: int = 256) -> Rollout:
     def generate(prompts_ids: list[list[int]], *, n: int, temperature: float, max_new_tokens: int,
-                 seed: int | None = None) -> RolloutBatch:
+                 seed: int | None = None, stop_strings: list[str] | None = None) -> RolloutBatch:
+        """`temperature=0` decodes greedily. `stop_strings` end a row where its text contains one (ToolAlpaca's
+        `Observation:`); the row's mask then runs to its last generated token (pads after it are pad ids)."""
         from transformers import GenerationConfig
 
         rows = [(index, ids) for index, ids in enumerate(prompts_ids) for _ in range(n)]
         pad_id = policy.tokenizer.pad_token_id
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+            else {"do_sample": False}
         gen_config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            eos_token_id=sorted(policy.stop_ids), pad_token_id=pad_id, use_cache=True,
+            **sampling, max_new_tokens=max_new_tokens, eos_token_id=sorted(policy.stop_ids), pad_token_id=pad_id,
+            use_cache=True, stop_strings=stop_strings or None,
         )
         if seed is not None:
             torch.manual_seed(seed)
@@ -33,7 +38,8 @@ def hf_rollout(policy, batch_size: int = 256) -> Rollout:
                 chunk_ids = prompt_ids[start:start + batch_size].to(policy.device)
                 chunk_mask = prompt_mask[start:start + batch_size].to(policy.device)
                 out = policy.model.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
-                                            generation_config=gen_config)
+                                            generation_config=gen_config,
+                                            tokenizer=policy.tokenizer if stop_strings else None)
                 responses += out[:, chunk_ids.shape[1]:].cpu().tolist()
         policy.model.train(was_training)
         response_ids, generated = right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
