@@ -62,7 +62,8 @@ def test_toolalpaca_eval_simulated_and_real():
     real = load_records("tool_eval", str(FIX / "toolalpaca"), split="real")
     assert len(sim) == 2 and len(real) == 1
     assert sim[1]["golden"][1] == {"action": "[Optional]getForecast",
-                                  "action_input": "{\"city\": ${city from getCurrentWeather}, \"days\": \"\"}"}
+                                  "action_input": "{\"city\": ${city from getCurrentWeather}, \"days\": \"\"}",
+                                  "observation": None}
 
 
 def test_malformed_row_names_source_row_and_field(tmp_path):

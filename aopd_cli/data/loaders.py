@@ -1,7 +1,8 @@
 """Loaders for the real datasets (`../shared/reference/datasets.md`), normalised into plain records.
 
 `load_records(kind, source, config=None, split=None)`: `source` is a known name (openthoughts,
-openthoughts3, deepmath, toolalpaca, aime24, aime25, hmmt25, lab_math, lab_tools), a hub id (through
+openthoughts3, deepmath, toolalpaca, aime24, aime25, hmmt25, lab_math, lab_tools, and the lab's development
+splits lab_math_dev, lab_tools_dev), a hub id (through
 `datasets.load_dataset`), or a local path: a .jsonl/.json/.parquet file, a folder laid out like the hub
 repo, or a ToolAlpaca `data/` folder. Kinds and records:
 
@@ -10,7 +11,8 @@ repo, or a ToolAlpaca `data/` folder. Kinds and records:
 - math_benchmark: {"id", "problem", "answer"} (answer always a string)
 - tool_train: {"id", "api", "functions", "instruction", "steps": [{thought, action, action_input,
   observation}], "final_thought", "output"}
-- tool_eval: {"id", "api", "functions", "instruction", "golden": [{"action", "action_input"}]}
+- tool_eval: {"id", "api", "functions", "instruction", "golden": [{"action", "action_input", "observation"}]}
+  (observation: None unless the file gives one, as the lab's do)
 
     python -m pytest tests/test_data.py -q
 """
@@ -39,7 +41,8 @@ KNOWN: dict[str, tuple[str, list[str | None], str]] = {
 }
 LAB_PATHS = {("lab_math", "sft"): "math/openthoughts", ("lab_math", "prompts"): "math/deepmath",
              ("lab_math", "math_benchmark"): "math/aime", ("lab_tools", "tool_train"): "tools",
-             ("lab_tools", "tool_eval"): "tools"}
+             ("lab_tools", "tool_eval"): "tools", ("lab_math_dev", "math_benchmark"): "math/aime_dev",
+             ("lab_tools_dev", "tool_eval"): "tools_dev"}
 
 
 class BadRow(ValueError):
@@ -65,7 +68,7 @@ def load_records(kind: Kind, source: str, *, config: str | None = None, split: s
 
 
 def _raw_rows(kind: Kind, source: str, config, split) -> tuple[list[dict], str]:
-    if source in ("lab_math", "lab_tools"):
+    if source in {name for name, _ in LAB_PATHS}:
         from aopd_cli.data.lab import ensure_lab
 
         if (source, kind) not in LAB_PATHS:
@@ -248,9 +251,10 @@ def _tool_eval(api: dict, index: int) -> list[dict]:
     for i, (instruction, steps) in enumerate(zip(instructions, golden)):
         if not isinstance(steps, list) or not all(isinstance(s, dict) and "Action" in s for s in steps):
             raise BadRow("Golden_Answers", f"instruction {i}: expected a list of {{Action, Action_Input}}")
+        # `Observation` is the lab's addition (ToolAlpaca's files have none): fed back in multi-turn evaluation
         records.append({"id": f"{name}-{i}", "api": name, "functions": functions, "instruction": instruction,
-                        "golden": [{"action": s["Action"], "action_input": s.get("Action_Input", "")}
-                                   for s in steps]})
+                        "golden": [{"action": s["Action"], "action_input": s.get("Action_Input", ""),
+                                    "observation": s.get("Observation")} for s in steps]})
     return records
 
 
