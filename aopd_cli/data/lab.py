@@ -2,7 +2,10 @@
 (OpenThoughts-114k, DeepMath-103K, HuggingFaceH4/aime_2024, ToolAlpaca) into a cache directory, and a
 character-level tokenizer with a ChatML chat template for the lab's tiny Qwen3 models.
 
-Everything here is generated; nothing is downloaded. The real loaders read these files back.
+Each task has a held-out test split (`lab_math`, `lab_tools`: what tables report) and a development split
+(`lab_math_dev`, `lab_tools_dev`: what the lab's settings were chosen on). The teacher's warm-up sees
+both tasks, the student's only arithmetic: the continual stage is where it meets tools. Everything here
+is generated; nothing is downloaded. The real loaders read these files back.
 
     python -m aopd_cli.data.lab /tmp/aopd-lab
 """
@@ -16,7 +19,7 @@ import string
 import sys
 from pathlib import Path
 
-LAB_VERSION = "v3"  # bump when the generated data or tokenizer changes: the cache key includes it
+LAB_VERSION = "v4"  # bump when the generated data or tokenizer changes: the cache key includes it
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -24,7 +27,8 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-N_TRAIN, N_BENCH, N_TOOL_TRAIN_PER_API, N_TOOL_EVAL_PER_API = 4000, 200, 120, 20
+N_TRAIN, N_BENCH = 4000, 200  # arithmetic: training problems; problems per benchmark (test and dev)
+N_TOOL_TRAIN_PER_KIND, N_TOOL_EVAL_PER_KIND = 120, 10  # tool episodes per instruction kind
 
 
 def cache_root() -> Path:
@@ -84,7 +88,9 @@ AIME_FEATURES = "".join(f"  - {{name: {n}, dtype: {t}}}\n" for n, t in [
 
 def write_math(root: Path) -> None:
     bench = _math_rows(seed=1, count=N_BENCH, exclude=set())
-    train = _math_rows(seed=2, count=N_TRAIN, exclude={row[0] for row in bench})
+    # the development split chooses the lab's settings; the held-out `bench` only reports them
+    dev = _math_rows(seed=4, count=N_BENCH, exclude={row[0] for row in bench})
+    train = _math_rows(seed=2, count=N_TRAIN, exclude={row[0] for row in bench + dev})
     _write_hub_layout(root / "openthoughts", [
         {"system": "", "conversations": [
             {"from": "user", "value": problem},
@@ -96,45 +102,61 @@ def write_math(root: Path) -> None:
          "topic": f"Mathematics -> Arithmetic -> {n_ops} operations",
          **{f"r1_solution_{i}": f"{chain}\n</think>\n\n\\boxed{{{answer}}}" for i in (1, 2, 3)}}
         for problem, chain, answer, n_ops in train], DEEPMATH_FEATURES)
-    _write_hub_layout(root / "aime", [
-        {"id": i, "problem": problem, "solution": chain, "answer": answer, "url": "lab://arithmetic",
-         "year": "lab"} for i, (problem, chain, answer, _) in enumerate(bench)], AIME_FEATURES)
+    for folder, rows in (("aime", bench), ("aime_dev", dev)):
+        _write_hub_layout(root / folder, [
+            {"id": i, "problem": problem, "solution": chain, "answer": answer, "url": "lab://arithmetic",
+             "year": "lab"} for i, (problem, chain, answer, _) in enumerate(rows)], AIME_FEATURES)
 
 
 # ---------------------------------------------------------------- tools
-CITIES = ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "quito", "berlin", "delhi", "seoul"]
-AUTHORS = ["austen", "tolstoy", "borges", "morrison", "achebe", "woolf", "kafka", "eco"]
-TOPICS = ["jazz", "tennis", "python", "volcanoes", "tea", "chess"]
+# Five kinds of instruction over three invented APIs. Every call returns an observation with a fresh
+# random value, so a model cannot guess it: the final answer copies it, and `reviews` needs the id that
+# the first call returned (ToolAlpaca's `${id from searchBooks}` dependency, with the value written out).
+CITIES = ["paris", "rome", "oslo", "lima", "cairo", "tokyo", "quito", "berlin", "delhi", "seoul", "dakar",
+          "hanoi", "sofia", "bern", "riga", "kyiv", "baku", "doha", "minsk", "accra", "perth", "turin", "porto",
+          "malmo"]
+AUTHORS = ["austen", "tolstoy", "borges", "morrison", "achebe", "woolf", "kafka", "eco", "sand", "gogol"]
+TOPICS = ["jazz", "tennis", "python", "volcanoes", "tea", "chess", "bees", "opera"]
 APIS = {
     "WeatherNow": {
         "getWeather": ("Get current weather for a city.", {"city": "Required. string. City name."}),
         "getForecast": ("Get the forecast for a city.", {"city": "Required. string.", "days": "Required. integer."}),
     },
     "BookShelf": {
-        "searchBooks": ("Find books by an author.", {"author": "Required. string.", "limit": "Required. integer."}),
+        "searchBooks": ("Find a book by an author.", {"author": "Required. string."}),
+        "getReviews": ("Reviews of a book.", {"id": "Required. integer. From searchBooks.",
+                                              "limit": "Required. integer."}),
     },
     "NewsWire": {
         "getNews": ("Latest news on a topic.", {"topic": "Required. string.", "limit": "Required. integer."}),
     },
 }
+KINDS = {"weather": "WeatherNow", "forecast": "WeatherNow", "two_cities": "WeatherNow", "reviews": "BookShelf",
+         "news": "NewsWire"}
+Call = tuple[str, dict, dict]  # function, arguments, observation
 
 
-def _tool_instruction(rng: random.Random, api: str) -> tuple[str, list[tuple[str, dict]]]:
-    if api == "WeatherNow":
-        city, other = rng.sample(CITIES, 2)
-        kind = rng.randint(0, 2)
-        if kind == 0:
-            return f"weather in {city}?", [("getWeather", {"city": city})]
-        days = rng.randint(1, 7)
-        if kind == 1:
-            return f"forecast {city} {days} days?", [("getForecast", {"city": city, "days": days})]
-        return f"weather in {city} and {other}?", [("getWeather", {"city": city}), ("getWeather", {"city": other})]
-    count = rng.randint(1, 9)
-    if api == "BookShelf":
-        author = rng.choice(AUTHORS)
-        return f"{count} books by {author}?", [("searchBooks", {"author": author, "limit": count})]
-    topic = rng.choice(TOPICS)
-    return f"{count} news on {topic}?", [("getNews", {"topic": topic, "limit": count})]
+def _tool_episode(rng: random.Random, kind: str) -> tuple[str, list[Call], str]:
+    """(instruction, calls with their observations, final answer) of one instruction kind."""
+    if kind == "weather":
+        city, temp = rng.choice(CITIES), rng.randint(-9, 39)
+        return f"weather in {city}?", [("getWeather", {"city": city}, {"temp": temp})], str(temp)
+    if kind == "forecast":
+        city, days, high = rng.choice(CITIES), rng.randint(1, 7), rng.randint(-9, 39)
+        return (f"forecast {city} {days} days?", [("getForecast", {"city": city, "days": days}, {"high": high})],
+                str(high))
+    if kind == "two_cities":
+        (first, second), (t1, t2) = rng.sample(CITIES, 2), (rng.randint(-9, 39), rng.randint(-9, 39))
+        return (f"weather in {first} and {second}?", [("getWeather", {"city": first}, {"temp": t1}),
+                                                       ("getWeather", {"city": second}, {"temp": t2})],
+                f"{t1} and {t2}")
+    if kind == "reviews":
+        author, limit, book, stars = rng.choice(AUTHORS), rng.randint(1, 9), rng.randint(10, 99), rng.randint(1, 5)
+        return (f"{limit} reviews of a book by {author}?",
+                [("searchBooks", {"author": author}, {"id": book}),
+                 ("getReviews", {"id": book, "limit": limit}, {"stars": stars})], f"{stars} stars")
+    topic, limit, count = rng.choice(TOPICS), rng.randint(1, 9), rng.randint(0, 9)
+    return f"{limit} news on {topic}?", [("getNews", {"topic": topic, "limit": limit}, {"count": count})], str(count)
 
 
 def _api_record(name: str) -> dict:
@@ -153,32 +175,60 @@ def _api_record(name: str) -> dict:
     }
 
 
+def _episodes(rng: random.Random, per_kind: int, exclude: set[str]) -> list[tuple[str, str, list[Call], str]]:
+    """`per_kind` episodes of each kind with distinct instructions outside `exclude` (held-out splits).
+    `weather` has only len(CITIES) instructions: test and dev take 2 * per_kind of them, training the rest."""
+    found = []
+    for kind in KINDS:
+        texts: set[str] = set()
+        for _ in range(100_000):  # bounded: too few instructions left is an error, never a hang
+            if len(texts) == per_kind:
+                break
+            text, calls, final = _tool_episode(rng, kind)
+            if text not in exclude and text not in texts:
+                texts.add(text)
+                found.append((kind, text, calls, final))
+        else:
+            raise RuntimeError(f"lab tools: fewer than {per_kind} new {kind!r} instructions")
+    return found
+
+
+def _eval_records(episodes) -> list[dict]:
+    """ToolAlpaca eval_simulated records. `Observation` in a golden step is the lab's addition (ToolAlpaca's
+    own files have none; the harness then feeds a stub): the multi-turn evaluation feeds it back."""
+    records = []
+    for name in APIS:
+        mine = [e for e in episodes if KINDS[e[0]] == name]
+        records.append({**_api_record(name), "Instructions": [text for _, text, _, _ in mine], "Golden_Answers": [
+            [{"Action": fn, "Action_Input": json.dumps(args), "Observation": json.dumps(obs)} for fn, args, obs in calls]
+            for _, _, calls, _ in mine]})
+    return records
+
+
 def write_tools(root: Path) -> None:
     rng = random.Random(3)
-    root.mkdir(parents=True, exist_ok=True)
-    train, evaluation = [], []
+    test = _episodes(rng, N_TOOL_EVAL_PER_KIND, set())
+    dev = _episodes(rng, N_TOOL_EVAL_PER_KIND, {e[1] for e in test})
+    held_out = {e[1] for e in test + dev}
+    train = []  # instructions may repeat in training (with other observations), never a held-out one
+    for kind in KINDS:
+        while sum(e[0] == kind for e in train) < N_TOOL_TRAIN_PER_KIND:
+            text, calls, final = _tool_episode(rng, kind)
+            if text not in held_out:
+                train.append((kind, text, calls, final))
+    records = []
     for name in APIS:
-        eval_by_text = {}
-        while len(eval_by_text) < N_TOOL_EVAL_PER_API:
-            text, calls = _tool_instruction(rng, name)
-            eval_by_text[text] = calls
-        eval_pairs, held_out = list(eval_by_text.items()), set(eval_by_text)
-        train_pairs = []
-        while len(train_pairs) < N_TOOL_TRAIN_PER_API:
-            pair = _tool_instruction(rng, name)
-            if pair[0] not in held_out:
-                train_pairs.append(pair)
-        record = _api_record(name)
         instances = [{
-            "input": text, "output": "Done.", "Final Thought": "I have what the user asked for.",
+            "input": text, "output": final, "Final Thought": "I have the answer.",
             "intermediate_steps": [[[fn, json.dumps(args), f" Calling {fn}.\nAction: {fn}\nAction Input: "
-                                     f"{json.dumps(args)}"], "Status Code: 200. Response: {}"] for fn, args in calls],
-        } for text, calls in train_pairs]
-        train.append({**record, "Instructions": [t for t, _ in train_pairs], "Instances": instances})
-        evaluation.append({**record, "Instructions": [t for t, _ in eval_pairs], "Golden_Answers": [
-            [{"Action": fn, "Action_Input": json.dumps(args)} for fn, args in calls] for _, calls in eval_pairs]})
-    (root / "train_data.json").write_text(json.dumps(train, indent=1))
-    (root / "eval_simulated.json").write_text(json.dumps(evaluation, indent=1))
+                                     f"{json.dumps(args)}"], json.dumps(obs)] for fn, args, obs in calls],
+        } for kind, text, calls, final in train if KINDS[kind] == name]
+        records.append({**_api_record(name), "Instructions": [i["input"] for i in instances], "Instances": instances})
+    (root / "tools").mkdir(parents=True, exist_ok=True)
+    (root / "tools" / "train_data.json").write_text(json.dumps(records, indent=1))
+    (root / "tools" / "eval_simulated.json").write_text(json.dumps(_eval_records(test), indent=1))
+    (root / "tools_dev").mkdir(parents=True, exist_ok=True)
+    (root / "tools_dev" / "eval_simulated.json").write_text(json.dumps(_eval_records(dev), indent=1))
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -208,7 +258,7 @@ def ensure_lab(root: Path | None = None) -> Path:
         return root
     staging = root.with_name(root.name + f".tmp{os.getpid()}")
     write_math(staging / "math")
-    write_tools(staging / "tools")
+    write_tools(staging)
     build_tokenizer().save_pretrained(staging / "tokenizer")
     (staging / "COMPLETE").write_text(LAB_VERSION)
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 - math: the problem plus the suffix of method.md in the user turn.
 - tools: ToolAlpaca's ReAct prompt (`test_v1`) built from the function descriptions plus getDetails
   ("full"), or the bare instruction answered with plain `Action:` lines ("compact", the lab's: its
-  char-level models pay for every character, and learn the APIs from their training data).
+  char-level models pay for every character, and learn the APIs from their training data). Either way a
+  conversation has one assistant turn per call, the observation as the next user turn, then the answer.
 - SFT: token ids of a conversation and the mask of its assistant tokens (the only ones trained).
 
     python -m pytest tests/test_data.py -q -k prompt
@@ -44,25 +45,55 @@ def _call_text(step: dict, full: bool) -> str:
     if not isinstance(action_input, str):
         action_input = json.dumps(action_input)
     if not full:
-        return f"Action: {step['action']}\nAction Input: {action_input}\n"
+        return f"Action: {step['action']}\nAction Input: {action_input}"
     thought = f"ASSISTANT Thought: {step['thought']}\n" if step.get("thought") else ""
-    return f"{thought}ASSISTANT Action: {step['action']}\nASSISTANT Action Input: {action_input}\n"
+    return f"{thought}ASSISTANT Action: {step['action']}\nASSISTANT Action Input: {action_input}"
+
+
+def observation_message(observation: str, style: str) -> dict:
+    """An API's result, fed back as a user turn (never trained, never sampled)."""
+    prefix = "Observation:" if style == "compact" else "ASSISTANT Observation:"
+    return {"role": "user", "content": f"{prefix} {observation}"}
+
+
+def _final_text(record: dict, full: bool) -> str:
+    if not full:
+        return f"Final Answer: {record['output']}"
+    return f"ASSISTANT Thought: {record['final_thought']}\nASSISTANT Response: {record['output']}"
 
 
 def tool_sft_messages(record: dict, style: str) -> list[dict]:
-    """A tool_train record as a conversation; observations come back as user turns (not trained)."""
+    """A tool_train record as a conversation: one assistant turn per call, its observation as a user turn
+    (not trained), then the final answer. Both styles share this shape; `full` adds ToolAlpaca's prompt and
+    its `ASSISTANT ...` prefixes, `compact` is `Action:`, `Action Input:`, `Observation:`, `Final Answer:`."""
+    full = style == "full"
     messages = tool_messages(record, style)
-    if style == "compact":
-        return messages + [{"role": "assistant", "content": "".join(_call_text(s, False) for s in record["steps"])}]
     for step in record["steps"]:
-        messages.append({"role": "assistant", "content": _call_text(step, True).rstrip("\n")})
-        messages.append({"role": "user", "content": f"ASSISTANT Observation: {step['observation']}"})
-    final = f"ASSISTANT Thought: {record['final_thought']}\nASSISTANT Response: {record['output']}"
-    return messages + [{"role": "assistant", "content": final}]
+        messages.append({"role": "assistant", "content": _call_text(step, full)})
+        messages.append(observation_message(step["observation"], style))
+    return messages + [{"role": "assistant", "content": _final_text(record, full)}]
 
 
-def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def tool_turns(records: list[dict], style: str) -> list[dict]:
+    """One record per assistant turn of each tool_train record (each call, then the final answer): the
+    conversation before it (`messages`, the golden calls and observations as history) and the step it
+    should call (`expected`, None for the answer). On-policy training on tools samples one turn per
+    prompt, as the multi-turn evaluation does after the model's own calls."""
+    turns = []
+    for record in records:
+        conversation = tool_sft_messages(record, style)
+        starts = [i for i, message in enumerate(conversation) if message["role"] == "assistant"]
+        for start, expected in zip(starts, record["steps"] + [None]):
+            turns.append({**record, "messages": conversation[:start], "expected": expected})
+    return turns
+
+
+def chat_ids(tokenizer, messages: list[dict], *, add_generation_prompt: bool,
+             continue_final_message: bool = False) -> list[int]:
+    """Token ids of a conversation; `continue_final_message` leaves the last (assistant) turn open, so
+    generation goes on inside it (after an observation fed back inline, ReAct style)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -1,68 +1,136 @@
 """Running a benchmark: Pass@k with n samples per problem on math benchmarks (math-verify), tool-call
-success and first-call accuracy on tool benchmarks, per-sample rows and a summary table. The eval stage
-and the training stages (their Pass@1 curves, the continual stage's before/after) all call
-`evaluate_policy`.
+success and first-call accuracy on tool benchmarks (multi-turn, ToolAlpaca's protocol), optionally greedy
+accuracy beside them (`eval.greedy`: one low-variance number per benchmark), per-sample rows and a summary
+table. The eval stage and the training stages (their Pass@1 curves, the continual stage's before/after)
+all call `evaluate_policy`.
 
-    aopd eval eval.n=4 eval.limit=20
+Tool success is per instruction: each instruction gets n sampled episodes; its score is the fraction of
+them that succeed, and the benchmark's `success` is the mean of that over instructions (so each
+instruction weighs the same, whatever its number of calls). `first_call` is averaged the same way;
+`greedy` is the fraction of instructions whose one greedy episode succeeds.
+
+    aopd eval eval.n=4 eval.limit=20 eval.greedy=true
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
+import torch
+
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_records
-from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
+from aopd_cli.data.prompts import chat_ids, math_messages, observation_message, tool_messages
 from aopd_cli.eval.math import extract_boxed, grade_math, pass_at_k
-from aopd_cli.eval.tools import grade_tool_calls
+from aopd_cli.eval.tools import STOP_STRING, Episode, grade_episode, take_turn
+
+GREEDY = 0.0  # temperature 0: greedy decoding (HF: do_sample=False; vLLM: its own convention)
 
 
 def benchmark_name(source: str) -> str:
     return Path(source).stem if ("/" in source or "." in source) else source
 
 
-def _responses(policy, rollout, prompts, eval_cfg, seed) -> tuple[list[str], list[int]]:
-    batch = rollout.generate(prompts, n=eval_cfg.n, temperature=eval_cfg.temperature,
-                             max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
-    texts = [policy.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
-             for ids, mask in zip(batch.response_ids_BR, batch.response_mask_BR)]
-    return texts, batch.prompt_index_B
+def _generate(policy, rollout, prompts, *, n, temperature, max_new_tokens, seed, stop_strings=None):
+    """(texts, stopped by itself?) per row, and the prompt index of each row. Texts keep special tokens
+    except the stop and pad tokens (a tool turn goes back into the conversation as written)."""
+    kwargs = {}
+    if stop_strings and "stop_strings" in inspect.signature(rollout.generate).parameters:
+        kwargs["stop_strings"] = stop_strings  # an engine without them runs on: the caller cuts the text
+    batch = rollout.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                             **kwargs)
+    stop_ids_S = torch.tensor(sorted(policy.stop_ids))
+    texts, stopped = [], []
+    for ids_R, mask_R in zip(batch.response_ids_BR, batch.response_mask_BR):
+        kept_R = ids_R[mask_R]
+        is_stop_R = torch.isin(kept_R, stop_ids_S)
+        content_R = kept_R[~is_stop_R & (kept_R != policy.tokenizer.pad_token_id)]
+        text = policy.tokenizer.decode(content_R.tolist(), skip_special_tokens=False)
+        texts.append(text)
+        stopped.append(bool(is_stop_R.any()) or bool(stop_strings and any(s in text for s in stop_strings)))
+    return texts, stopped, batch.prompt_index_B
+
+
+def _math(policy, rollout, eval_cfg, source, seed, metrics, samples) -> None:
+    name, records = benchmark_name(source), load_records("math_benchmark", source)[: eval_cfg.limit]
+    prompts = [chat_ids(policy.tokenizer, math_messages(r["problem"], eval_cfg.prompt_suffix),
+                        add_generation_prompt=True) for r in records]
+    runs = [("sampled", eval_cfg.n, eval_cfg.temperature)] + ([("greedy", 1, GREEDY)] if eval_cfg.greedy else [])
+    for decoding, n, temperature in runs:
+        texts, _, owners = _generate(policy, rollout, prompts, n=n, temperature=temperature,
+                                     max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
+        correct_counts = [0] * len(records)
+        for text, owner in zip(texts, owners):
+            ok = grade_math(text, records[owner]["answer"])
+            correct_counts[owner] += ok
+            samples.append({"benchmark": name, "decoding": decoding, "id": records[owner]["id"],
+                            "prompt": records[owner]["problem"], "response": text, "extracted": extract_boxed(text),
+                            "gold": records[owner]["answer"], "correct": ok})
+        if decoding == "greedy":
+            metrics[names.greedy(name)] = sum(correct_counts) / len(records)
+        else:
+            for k in eval_cfg.k:
+                metrics[names.pass_at(name, k)] = sum(pass_at_k(n, c, k) for c in correct_counts) / len(records)
+
+
+def run_episodes(policy, rollout, records: list[dict], *, style: str, n: int, temperature: float,
+                 max_new_tokens: int, seed: int) -> list[Episode]:
+    """n multi-turn episodes per tool instruction, all advanced together one turn per generate call."""
+    episodes = [Episode(i, tool_messages(r, style)) for i, r in enumerate(records) for _ in range(n)]
+    turn = 0
+    while active := [e for e in episodes if not e.done]:
+        prompts = [chat_ids(policy.tokenizer, e.messages, add_generation_prompt=not e.open_turn,
+                            continue_final_message=e.open_turn) for e in active]
+        texts, stopped, _ = _generate(policy, rollout, prompts, n=1, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, seed=seed + 7919 * turn,
+                                      stop_strings=[STOP_STRING])
+        for episode, text, ended in zip(active, texts, stopped):
+            golden = records[episode.owner]["golden"]
+            take_turn(episode, text, ended, golden, len(golden) + 2,
+                      lambda observation: observation_message(observation, style))
+        turn += 1
+    return episodes
+
+
+def _tools(policy, rollout, eval_cfg, source, seed, metrics, samples) -> None:
+    name, records = benchmark_name(source), load_records("tool_eval", source)[: eval_cfg.limit]
+    runs = [("sampled", eval_cfg.n, eval_cfg.temperature)] + ([("greedy", 1, GREEDY)] if eval_cfg.greedy else [])
+    for decoding, n, temperature in runs:
+        episodes = run_episodes(policy, rollout, records, style=eval_cfg.tool_prompt_style, n=n,
+                                temperature=temperature, max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
+        success, first_call = [0.0] * len(records), [0.0] * len(records)
+        for episode in episodes:
+            record = records[episode.owner]
+            grade = grade_episode(episode, record["golden"])
+            success[episode.owner] += grade.success / n
+            first_call[episode.owner] += grade.first_call / n
+            samples.append({"benchmark": name, "decoding": decoding, "id": record["id"],
+                            "prompt": record["instruction"], "response": episode.turns, "extracted": episode.calls,
+                            "gold": record["golden"], "correct": grade.success, "first_call": grade.first_call,
+                            "finished": episode.finished})
+        if decoding == "greedy":
+            metrics[names.greedy(name)] = sum(success) / len(records)
+        else:
+            metrics[names.tool(name, "success")] = sum(success) / len(records)
+            metrics[names.tool(name, "first_call")] = sum(first_call) / len(records)
 
 
 def evaluate_policy(policy, rollout, eval_cfg, *, seed: int, tools: bool = True):
     """(metrics, per-sample rows) for the math benchmarks and (with `tools`) the tool benchmarks."""
     metrics, samples = {}, []
     for source in eval_cfg.benchmarks:
-        name, records = benchmark_name(source), load_records("math_benchmark", source)[: eval_cfg.limit]
-        prompts = [chat_ids(policy.tokenizer, math_messages(r["problem"], eval_cfg.prompt_suffix),
-                            add_generation_prompt=True) for r in records]
-        texts, owners = _responses(policy, rollout, prompts, eval_cfg, seed)
-        correct_counts = [0] * len(records)
-        for text, owner in zip(texts, owners):
-            ok = grade_math(text, records[owner]["answer"])
-            correct_counts[owner] += ok
-            samples.append({"benchmark": name, "id": records[owner]["id"], "prompt": records[owner]["problem"],
-                            "response": text, "extracted": extract_boxed(text), "gold": records[owner]["answer"],
-                            "correct": ok})
-        for k in eval_cfg.k:
-            metrics[names.pass_at(name, k)] = sum(pass_at_k(eval_cfg.n, c, k) for c in correct_counts) / len(records)
+        _math(policy, rollout, eval_cfg, source, seed, metrics, samples)
     if eval_cfg.benchmarks:
-        for k in eval_cfg.k:
-            values = [metrics[names.pass_at(benchmark_name(s), k)] for s in eval_cfg.benchmarks]
-            metrics[names.pass_at(names.MATH_AVG, k)] = sum(values) / len(values)
+        benches = [benchmark_name(s) for s in eval_cfg.benchmarks]
+        averages = {names.pass_at(names.MATH_AVG, k): [names.pass_at(b, k) for b in benches] for k in eval_cfg.k}
+        if eval_cfg.greedy:
+            averages[names.greedy(names.MATH_AVG)] = [names.greedy(b) for b in benches]
+        for key, parts in averages.items():
+            metrics[key] = sum(metrics[p] for p in parts) / len(parts)
     for source in eval_cfg.tool_benchmarks if tools else []:
-        name, records = benchmark_name(source), load_records("tool_eval", source)[: eval_cfg.limit]
-        prompts = [chat_ids(policy.tokenizer, tool_messages(r, eval_cfg.tool_prompt_style), add_generation_prompt=True)
-                   for r in records]
-        texts, owners = _responses(policy, rollout, prompts, eval_cfg, seed)
-        grades = [grade_tool_calls(text, records[owner]["golden"]) for text, owner in zip(texts, owners)]
-        for text, owner, grade in zip(texts, owners, grades):
-            samples.append({"benchmark": name, "id": records[owner]["id"], "prompt": records[owner]["instruction"],
-                            "response": text, "extracted": None, "gold": records[owner]["golden"],
-                            "correct": grade.success, "first_call": grade.first_call})
-        metrics[names.tool(name, "success")] = sum(g.success for g in grades) / len(grades)
-        metrics[names.tool(name, "first_call")] = sum(g.first_call for g in grades) / len(grades)
+        _tools(policy, rollout, eval_cfg, source, seed, metrics, samples)
     return metrics, samples
 
 
@@ -79,7 +147,7 @@ def print_metrics(title: str, metrics: dict[str, float], eval_cfg) -> None:
     from rich.table import Table
 
     table = Table(title=f"{title} (n={eval_cfg.n}, temperature={eval_cfg.temperature}, "
-                        f"max_new_tokens={eval_cfg.max_new_tokens})")
+                        f"max_new_tokens={eval_cfg.max_new_tokens}{', greedy too' if eval_cfg.greedy else ''})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in sorted(metrics.items()):
