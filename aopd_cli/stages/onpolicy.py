@@ -17,10 +17,10 @@ import torch
 
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
-from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
+from aopd_cli.data.prompts import chat_ids, math_messages, tool_turns
 from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.errors import UserError
-from aopd_cli.eval import grade_math, grade_tool_calls
+from aopd_cli.eval import grade_math, grade_turn
 from aopd_cli.objectives import OBJECTIVES, global_normalizer
 from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
 from aopd_cli.scoring import hf_scorer
@@ -84,8 +84,10 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
     spec = OBJECTIVES[objective.name]
     is_math = config.stage == "distill"
+    if not is_math:  # one prompt per assistant turn: a call after the golden history, or the final answer
+        records = tool_turns(records, config.data.prompt_style)
     prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math
-                        else tool_messages(r, config.data.prompt_style), add_generation_prompt=True) for r in records]
+                        else r["messages"], add_generation_prompt=True) for r in records]
     sampler = student if spec.samples_from == "student" else teacher
     rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
     score = hf_scorer(teacher, objective.top_k) if spec.teacher_scores else None
@@ -135,13 +137,13 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
 
 def _grade(policy, batch: RolloutBatch, records: list[dict]) -> torch.Tensor:
     """Per response: correct? Math prompts by their answer (a response without `\\boxed{}` is wrong, as
-    method.md's "trajectories with incorrect final answers" asks), tool prompts by their golden calls."""
+    method.md's "trajectories with incorrect final answers" asks), a tool turn by the call it should make
+    (or, last, by answering without a call)."""
     texts = [policy.tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True)
              for ids, mask in zip(batch.response_ids_BR, batch.response_mask_BR)]
     return torch.tensor([grade_math(text, record["answer"], require_boxed=True) if "answer" in record
-                         else grade_tool_calls(text, [{"action": s["action"], "action_input": s["action_input"]}
-                                                      for s in record["steps"]]).success
-                         for text, record in zip(texts, records)], dtype=torch.bool)
+                         else grade_turn(text, record["expected"]) for text, record in zip(texts, records)],
+                        dtype=torch.bool)
 
 
 def log_advantages(tracker, advantages: torch.Tensor, out_dir: Path, objective: str) -> None:
