@@ -115,3 +115,13 @@ def test_tool_prompts_follow_toolalpaca_react_format():
     conversation = tool_sft_messages(record, "full")
     assert conversation[1]["content"].endswith('ASSISTANT Action Input: {"city": "Rome"}')
     assert conversation[2]["role"] == "user" and conversation[2]["content"].startswith("ASSISTANT Observation:")
+
+
+def test_two_local_folders_of_the_same_name_read_their_own_rows(tmp_path):
+    # datasets caches a local folder by its name: without a cache per content, the second reads the first's rows
+    from aopd_cli.data.lab import AIME_FEATURES, _write_hub_layout
+
+    for i, folder in enumerate([tmp_path / "a" / "bench", tmp_path / "b" / "bench"]):
+        _write_hub_layout(folder, [{"id": 1, "problem": f"problem {i}", "solution": "", "answer": "1", "url": "",
+                                    "year": ""}], AIME_FEATURES)
+        assert load_records("math_benchmark", str(folder))[0]["problem"] == f"problem {i}"

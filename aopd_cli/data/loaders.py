@@ -115,17 +115,32 @@ def _load_local(path: Path, config, split) -> list[dict]:
         if builder is None:
             raise UserError(f"{path}: expected a .jsonl, .json or .parquet file")
         return list(datasets.load_dataset(builder, data_files=str(path), split="train"))
-    return _load_hub(str(path), [config], split or "train")
+    return _load_hub(str(path), [config], split or "train", cache_dir=_local_cache_dir(path))
 
 
-def _load_hub(source: str, configs: list, split: str) -> list[dict]:
+def _local_cache_dir(folder: Path) -> str:
+    """A datasets cache of its own for this folder's content. datasets caches a local folder under its
+    name, not its path or content: another folder of the same name (a regenerated lab, another lab
+    version, a test's copy) would read back the first one's rows."""
+    import hashlib
+
+    import datasets
+
+    digest = hashlib.sha256(str(folder.resolve()).encode())
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return str(Path(datasets.config.HF_DATASETS_CACHE) / "aopd-local" / digest.hexdigest()[:16])
+
+
+def _load_hub(source: str, configs: list, split: str, cache_dir: str | None = None) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
     rows: list[dict] = []
     for name in configs:
         try:
-            rows += list(datasets.load_dataset(source, name, split=split))
+            rows += list(datasets.load_dataset(source, name, split=split, cache_dir=cache_dir))
         except Exception as err:  # noqa: BLE001 - offline, missing config, bad split: one clear message
             raise UserError(f"cannot load dataset {source!r} (config {name!r}, split {split!r}): "
                             f"{type(err).__name__}: {str(err)[:300]}") from None
