@@ -72,7 +72,7 @@ def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None
             return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
 
         def evaluate(step: int) -> dict[str, float]:
-            return evaluate_policy(policy, rollout, config.eval, seed=config.seed + step)[0]
+            return evaluate_policy(policy, rollout, config.eval, seed=config.seed)[0]  # as `aopd eval` of it
 
         checkpoint = train_loop(config, policy, tracker, make_step=make_step, loss_fn=loss_fn, evaluate=evaluate,
                                 label=run_name or "warmup")
