@@ -118,6 +118,24 @@ def compare(
 
 
 @app.command()
+def report(
+    parent: Optional[str] = typer.Option(None, "--parent", help="the lab_full sweep's parent run (default: the newest)"),
+    ablation: list[str] = typer.Option([], "--ablation", help="NAME=RUN_ID of an ablation sweep (default: the newest)"),
+    out: str = typer.Option("docs/lab.md", "--out", help="the report; its PNGs go in a folder of the same name"),
+    experiment: str = typer.Option("aopd", "--experiment", help="MLflow experiment name"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: ./mlflow.db)"),
+) -> None:
+    """The lab report (tables, figures, verdicts on the paper's claims) from a lab_full sweep's runs."""
+    from aopd_cli.report import write_report
+
+    with refusals():
+        parents = dict(a.partition("=")[::2] for a in ablation)
+        path = write_report(tracking_uri=tracking_uri, experiment=experiment, parent=parent, ablation_parents=parents,
+                            out=out)
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
 def show(
     stage: str = typer.Argument(..., help="warmup, distill, continual, eval, or pipeline"),
     overrides: Optional[list[str]] = OVERRIDES,
