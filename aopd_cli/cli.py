@@ -22,21 +22,29 @@ app = typer.Typer(
 )
 
 OVERRIDES = typer.Argument(None, help="Hydra-style overrides, e.g. objective=aopd objective.tau=0.5 train.steps=90")
+NPROC = typer.Option(1, "--nproc-per-node", min=1,
+                     help="run under torchrun with this many processes (GPUs) on this node; FSDP2 shards the model")
 
 
 @contextmanager
 def refusals():
-    """A refused configuration exits 2, a user error 1: one line on stderr, no traceback."""
+    """A refused configuration exits 2, a user error 1, a signal 128 + its number: one line on stderr, no
+    traceback (under torchrun, the line names the rank)."""
+    import os
+
     from aopd_cli.errors import ConfigError, UserError
+    from aopd_cli.interrupts import Interrupted
 
     try:
         yield
-    except (ConfigError, UserError) as err:
+    except (ConfigError, UserError, Interrupted) as err:
         from rich.console import Console
         from rich.markup import escape
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2 if isinstance(err, ConfigError) else 1) from None
+        where = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {where}{escape(str(err))}", highlight=False)
+        code = err.exit_code if isinstance(err, Interrupted) else 2 if isinstance(err, ConfigError) else 1
+        raise typer.Exit(code) from None
 
 
 def _load(stage: str, overrides: list[str] | None):
@@ -45,30 +53,43 @@ def _load(stage: str, overrides: list[str] | None):
     return load_stage_config(stage, list(overrides or []))
 
 
-def _run(stage: str, overrides: list[str] | None) -> None:
+def _relaunch(command: str, overrides: list[str] | None, nproc: int) -> None:
+    """Start the same command under torchrun (once the config was checked here)."""
+    from aopd_cli.distributed import launched_by_torchrun, relaunch_under_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        relaunch_under_torchrun(nproc, [command, *(overrides or [])])
+
+
+def _run(stage: str, overrides: list[str] | None, nproc: int = 1) -> None:
     with refusals():
         config = _load(stage, overrides)
+        _relaunch(stage, overrides, nproc)
+        from aopd_cli import distributed
         from aopd_cli.stages import run_stage
 
-        run_stage(config)
+        try:
+            run_stage(config)
+        finally:
+            distributed.shutdown()
 
 
 @app.command()
-def warmup(overrides: Optional[list[str]] = OVERRIDES) -> None:
+def warmup(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """SFT a base student on reasoning traces (OpenThoughts format)."""
-    _run("warmup", overrides)
+    _run("warmup", overrides, nproc_per_node)
 
 
 @app.command()
-def distill(overrides: Optional[list[str]] = OVERRIDES) -> None:
+def distill(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """On-policy distillation from a teacher: objective=aopd|opd|gkd|seqkd|exopd."""
-    _run("distill", overrides)
+    _run("distill", overrides, nproc_per_node)
 
 
 @app.command()
-def continual(overrides: Optional[list[str]] = OVERRIDES) -> None:
+def continual(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """Keep distilling on tool-use data (ToolAlpaca) and measure the math ability kept."""
-    _run("continual", overrides)
+    _run("continual", overrides, nproc_per_node)
 
 
 @app.command("eval")
@@ -78,14 +99,21 @@ def evaluate(overrides: Optional[list[str]] = OVERRIDES) -> None:
 
 
 @app.command()
-def pipeline(overrides: Optional[list[str]] = OVERRIDES) -> None:
+def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """Run an experiment's stages in order (experiment=NAME; default: the CPU lab).
 
-    An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage."""
+    An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage.
+    Rerunning the same command skips the stages that finished and resumes the interrupted one."""
+    from aopd_cli import distributed
     from aopd_cli.pipeline import plan_pipeline, run_pipeline
 
     with refusals():
-        run_pipeline(plan_pipeline(list(overrides or [])))
+        plan = plan_pipeline(list(overrides or []))
+        _relaunch("pipeline", overrides, nproc_per_node)
+        try:
+            run_pipeline(plan)
+        finally:
+            distributed.shutdown()
 
 
 @app.command()
@@ -132,6 +160,23 @@ def show(
         from aopd_cli.config.compose import to_yaml
 
         sys.stdout.write(to_yaml(_load(stage, overrides)))
+
+
+@app.command()
+def sync(
+    output_dir: str = typer.Argument(..., help="a stage's output folder holding tracking_backlog.jsonl"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the run's)"),
+) -> None:
+    """Send what a run could not send to MLflow while the tracking store was away."""
+    import json
+    from pathlib import Path
+
+    from aopd_cli.tracking import sync as send
+
+    with refusals():
+        record = Path(output_dir) / "aopd_run.json"
+        uri = tracking_uri or (json.loads(record.read_text()).get("tracking_uri") if record.is_file() else None)
+        print(f"aopd: sent {send(Path(output_dir), uri)} queued record(s) from {output_dir}")
 
 
 if __name__ == "__main__":

@@ -23,25 +23,23 @@ Scorer = Callable[[MicroBatch], TeacherTopK]
 
 
 def hf_scorer(policy, top_k: int, chunk_size: int = 1024) -> Scorer:
-    head = policy.model.get_output_embeddings()
-
     @torch.no_grad()
     def score(micro: MicroBatch) -> TeacherTopK:
         was_training = policy.model.training
         policy.model.eval()
         micro = micro.to(policy.device)
-        hidden_BTH = target_hidden(policy.model, micro)
+        hidden_BTH, weight_VH = target_hidden(policy.model, micro)
         policy.model.train(was_training)
         batch, width = hidden_BTH.shape[:2]
         hidden_NH = hidden_BTH.reshape(batch * width, -1)
         targets_N = micro.targets_BT.reshape(-1)
-        k = min(top_k, head.weight.shape[0])
+        k = min(top_k, weight_VH.shape[0])
         token_logp_N = torch.empty(batch * width, dtype=torch.float32, device=hidden_NH.device)
         topk_logp_NK = torch.empty(batch * width, k, dtype=torch.float32, device=hidden_NH.device)
         topk_ids_NK = torch.empty(batch * width, k, dtype=torch.long, device=hidden_NH.device)
         for start in range(0, hidden_NH.shape[0], chunk_size):
             stop = start + chunk_size
-            logp_CV = torch.log_softmax(head(hidden_NH[start:stop]).float(), dim=-1)
+            logp_CV = torch.log_softmax((hidden_NH[start:stop] @ weight_VH.T).float(), dim=-1)
             token_logp_N[start:stop] = logp_CV.gather(-1, targets_N[start:stop, None]).squeeze(-1)
             topk_logp_NK[start:stop], topk_ids_NK[start:stop] = logp_CV.topk(k, dim=-1)
             del logp_CV

@@ -25,12 +25,12 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     work, result = smoke
     assert "Table 1: Pass@1 / Pass@2" in result.stdout and "| SFT ckpt | " in result.stdout and "Table 2: continual learning" in result.stdout
     client, runs = runs_by_name(work)
-    parent = runs["pipeline:lab_smoke"]
+    parent = runs["lab_smoke"]
     stages = {name: run.data.tags["stage"] for name, run in runs.items()}
     assert set(stages.values()) == {"pipeline", "warmup", "distill", "continual", "eval"}
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
-        if name != "pipeline:lab_smoke":
+        if name != "lab_smoke":
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     aopd_run = runs["aopd"]
     assert aopd_run.data.tags["objective"] == "aopd" and aopd_run.data.params["objective.tau"] == "0.0"
@@ -106,8 +106,8 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
 
 
 def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
-    import aopd_cli.stages.distill as distill
     import aopd_cli.stages.onpolicy as onpolicy
+    from aopd_cli.stages import run_stage
     from aopd_cli.config.compose import load_stage_config
     from aopd_cli.rollout import Rollout
 
@@ -125,7 +125,7 @@ def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tm
                                            "train.batch_size=4", "train.micro_batch_size=2", "objective.top_k=4",
                                            "eval.benchmarks=[]", "train.eval_every=0", "tracking.enabled=false",
                                            f"output_dir={tmp_path / 'sync'}"])
-    distill.run_distill(config)
+    run_stage(config)
     assert len(calls) == 3  # once per optimizer step, after it
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from aopd_cli import distributed as dist
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
@@ -44,15 +45,14 @@ def prepare(config):
 
 def load_models(config):
     """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary."""
-    student = load_policy(config.student, role="student", seed=config.seed)
+    student = load_policy(config.student, role="student", seed=config.seed, trainable=True,
+                          activation_checkpointing=config.train.activation_checkpointing)
     teacher = load_policy(config.teacher, role="teacher", device=student.device)
     check_compatible(student, teacher, "teacher")
-    teacher.model.requires_grad_(False)
     base = None
     if OBJECTIVES[config.objective.name].frozen_base:
         base = load_policy(config.base or config.student, role="base", device=student.device, seed=config.seed)
         check_compatible(student, base, "base")
-        base.model.requires_grad_(False)
     return student, teacher, base
 
 
@@ -79,8 +79,9 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
-def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=None) -> tuple[Path, torch.Tensor]:
-    """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen."""
+def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=None) -> tuple[Path, torch.Tensor]:
+    """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
+    Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
     spec = OBJECTIVES[objective.name]
     is_math = config.stage == "distill"
@@ -95,15 +96,15 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
     def make_step(step: int) -> StepBatch:
         timings: dict[str, float] = {}
         with names.timed("rollout", timings):
-            chosen = sample_indices(rng, len(records), train.batch_size)
+            chosen = dist.shard_of(sample_indices(rng, len(records), train.batch_size))
             if spec.references and rng.random() >= objective.lmbda:
                 batch = _reference_batch(student, [prompts[i] for i in chosen],
                                          [records[i].get("reference") or "" for i in chosen])
             else:
                 batch = rollout.generate([prompts[i] for i in chosen], n=rollout_cfg.n,
-                                         temperature=rollout_cfg.temperature,
-                                         max_new_tokens=rollout_cfg.max_new_tokens, seed=config.seed * 100003 + step)
-        micro_batches = rollout_micro_batches(batch, train.micro_batch_size)
+                                         temperature=rollout_cfg.temperature, max_new_tokens=rollout_cfg.max_new_tokens,
+                                         seed=config.seed * 100003 + step + 7919 * dist.rank())
+        micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
         with names.timed("teacher", timings):
             for micro in micro_batches:
                 if score is not None:
@@ -112,8 +113,8 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
                     micro.base_logprobs_BT = score_base(micro).token_logprobs
             if spec.grades(objective):
                 correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
-                for start, micro in zip(range(0, len(correct), train.micro_batch_size), micro_batches):
-                    micro.correct_B = correct[start:start + micro.ids_BL.shape[0]]
+                for micro in micro_batches:
+                    micro.correct_B = correct[micro.rows_B]
         response_len = float(batch.response_mask_BR.sum(-1).float().mean())
         return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction),
                          {**timings, names.train("response_len"): response_len})
@@ -128,8 +129,8 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
 
     # a frozen teacher's engine has nothing to sync after a student update
     sync = rollout.sync_weights if spec.samples_from == "student" else (lambda: None)
-    checkpoint = train_loop(config, student, tracker, make_step=make_step, loss_fn=loss_fn,
-                            after_update=sync, evaluate=evaluate, label=config.stage)
+    checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
+                            after_update=sync, evaluate=evaluate, label=session.name)
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 
