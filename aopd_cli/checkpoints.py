@@ -90,11 +90,11 @@ def save_step(out_dir: Path, step: int, model, optimizer, scheduler, *, sampler:
         staging.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet_single_process():
+    with _quiet_single_process(), _no_room(staging):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging / "state"),
                  no_dist=not torch.distributed.is_initialized())
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(sampler), **(extra or {})},
-               staging / f"rank{dist.rank()}.pt")
+        torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(sampler), **(extra or {})},
+                   staging / f"rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
         (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
@@ -138,6 +138,17 @@ def _quiet_single_process():
         yield
 
 
+@contextmanager
+def _no_room(staging: Path):
+    """A write that fails (a full disk, a vanished folder) is one line, and leaves no half checkpoint."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write the checkpoint {staging.name.removeprefix('.tmp-')} in {staging.parent}: "
+                        f"{err.strerror or err}; the last whole checkpoint is kept") from None
+
+
 # ---------------------------------------------------------------- final checkpoints
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU (gathered from the shards; rank 0 gets them)."""
@@ -158,13 +169,14 @@ def save_final(policy, directory: Path, *, config_yaml: str, optimizer=None, sch
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        policy.model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
-        policy.tokenizer.save_pretrained(staging)
-        (staging / CONFIG_FILE).write_text(config_yaml)
-        state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-        if optimizer is not None and not dist.is_sharded(policy.model):  # sharded state lives in step_N
-            state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save(state, staging / STATE_FILE)
+        with _no_room(staging):
+            policy.model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+            policy.tokenizer.save_pretrained(staging)
+            (staging / CONFIG_FILE).write_text(config_yaml)
+            state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+            if optimizer is not None and not dist.is_sharded(policy.model):  # sharded state lives in step_N
+                state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            torch.save(state, staging / STATE_FILE)
         old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
         if directory.is_symlink():
             directory.unlink()

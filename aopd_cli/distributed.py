@@ -147,12 +147,15 @@ def gathered(model):
     """The whole model on every rank for the block (generation: each rank decodes its own prompts for
     as many steps as it needs, with no collective per forward). A no-op for an unsharded model."""
     modules = _fsdp_modules(model) if dist.is_initialized() else []
-    for module in modules:
+    inner = [module for module in modules if module is not model]  # the root never reshards after forward
+    for module in inner:
         module.set_reshard_after_forward(False, recurse=False)
+    for module in modules:
         module.unshard()
     try:
         yield model
     finally:
         for module in modules:
             module.reshard()
+        for module in inner:
             module.set_reshard_after_forward(True, recurse=False)

@@ -98,8 +98,12 @@ def check_output(config, training: bool) -> None:
     if training:
         needed, free = checkpoint_bytes(config), shutil.disk_usage(ancestor).free
         if needed > free:
-            raise UserError(f"output_dir={config.output_dir}: {free / 2**30:.1f} GiB free, one checkpoint needs about "
-                            f"{needed / 2**30:.1f} GiB")
+            raise UserError(f"output_dir={config.output_dir}: {_size(free)} free on its disk, one checkpoint needs about "
+                            f"{_size(needed)}")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
 def check_tracking(config) -> None:

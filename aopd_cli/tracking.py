@@ -29,6 +29,7 @@ from aopd_cli.errors import UserError
 DEFAULT_URI = "sqlite:///mlflow.db"
 BACKLOG_FILE = "tracking_backlog.jsonl"
 RETRY_EVERY_S = 20.0  # while the server is away, try it again at most this often
+CLOSE_WAIT_S = 90.0  # at the end of a run, how long to wait for an away server before leaving the backlog
 EXPERIMENT_DESCRIPTION = ("Runs of aopd (Asymmetric On-Policy Distillation and its baselines). Each stage is a run; "
                           "pipelines and sweeps are parent runs. Compare with `aopd compare`.")
 
@@ -158,7 +159,11 @@ class MlflowTracker:
 
     def close(self, status="FINISHED"):
         self._send({"op": "terminate", "status": status})
-        if not self.flush() and self.backlog is not None:
+        # a short outage at the very end: wait for it to pass (briefly when killed: a grace period is ticking)
+        deadline = time.time() + (CLOSE_WAIT_S if status == "FINISHED" else 10)
+        while not self.flush() and time.time() < deadline:
+            time.sleep(5)
+        if self.failing_since is not None and self.backlog is not None:
             print(f"aopd: the tracking store still does not answer: the run's last records wait in {self.backlog}; "
                   f"send them with `aopd sync {self.backlog.parent}`", file=sys.stderr)
 

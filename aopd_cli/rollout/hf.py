@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from aopd_cli.distributed import gathered
 from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
 
 
@@ -28,7 +29,8 @@ def hf_rollout(policy, batch_size: int = 256) -> Rollout:
         responses: list[list[int]] = []
         was_training = policy.model.training
         policy.model.eval()
-        with torch.no_grad():
+        # a sharded model is gathered whole for generation: ranks then decode for different numbers of steps
+        with torch.no_grad(), gathered(policy.model):
             for start in range(0, len(rows), batch_size):
                 chunk_ids = prompt_ids[start:start + batch_size].to(policy.device)
                 chunk_mask = prompt_mask[start:start + batch_size].to(policy.device)

@@ -106,11 +106,15 @@ def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=
                                          seed=config.seed * 100003 + step + 7919 * dist.rank())
         micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
         with names.timed("teacher", timings):
-            for micro in micro_batches:
-                if score is not None:
-                    micro.teacher = score(micro)
-                if score_base is not None:
-                    micro.base_logprobs_BT = score_base(micro).token_logprobs
+            # a sharded scorer needs the same number of forwards on every rank: extra ones are thrown away
+            rounds = int(dist.all_reduce([len(micro_batches)], "max")[0])
+            for index in range(rounds):
+                micro = micro_batches[min(index, len(micro_batches) - 1)]
+                teacher_scores = score(micro) if score is not None else None
+                base_scores = score_base(micro) if score_base is not None else None
+                if index < len(micro_batches):
+                    micro.teacher = teacher_scores
+                    micro.base_logprobs_BT = base_scores.token_logprobs if base_scores is not None else None
             if spec.grades(objective):
                 correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
                 for micro in micro_batches:

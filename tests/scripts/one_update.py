@@ -31,6 +31,7 @@ micro = [MicroBatch(ids_BL[mine][s:s + 2], attn_BL[mine][s:s + 2], 3, mask_BT[mi
                     TeacherTopK(*(t[mine][s:s + 2] for t in (teacher.token_logprobs, teacher.topk_ids,
                                                              teacher.topk_logprobs))))
          for s in range(0, len(mine), 2)]
+before = {name: tensor.clone() for name, tensor in full_state_dict(policy.model).items()}
 optimizer, scheduler = make_optimizer(policy.model, TrainConfig(steps=1, lr=1e-3))
 normalizer = global_normalizer(mask_BT, "seq-mean-token-mean")  # of the whole global batch
 result = update(policy, optimizer, scheduler, micro,
@@ -38,6 +39,6 @@ result = update(policy, optimizer, scheduler, micro,
                 normalizer, grad_clip=1.0)
 weights = full_state_dict(policy.model)
 if dist.is_main():
-    torch.save({"weights": weights, "loss": result.loss, "grad_norm": result.grad_norm,
+    torch.save({"weights": weights, "before": before, "loss": result.loss, "grad_norm": result.grad_norm,
                 "metrics": result.metrics}, sys.argv[1])
 dist.shutdown()
