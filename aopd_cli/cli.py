@@ -163,6 +163,21 @@ def show(
 
 
 @app.command()
+def plan(
+    overrides: Optional[list[str]] = OVERRIDES,
+    gpus: int = typer.Option(8, "--gpus", min=1, help="GPUs the stages run on (the FSDP2 world size)"),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", min=1.0, help="memory of one GPU, GiB"),
+) -> None:
+    """Estimated peak memory per GPU of each stage of an experiment: does it fit, and what to change."""
+    from aopd_cli.pipeline import plan_pipeline
+    from aopd_cli.plan import plan_experiment, render
+
+    with refusals():
+        stages = plan_experiment(plan_pipeline(list(overrides or [])), gpus, gpu_memory)
+        sys.stdout.write(render(stages, gpus, gpu_memory))
+
+
+@app.command()
 def sync(
     output_dir: str = typer.Argument(..., help="a stage's output folder holding tracking_backlog.jsonl"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the run's)"),

@@ -161,3 +161,38 @@ def test_non_finite_teacher_scores_skip_steps_then_stop(tmp_path, tiny_checkpoin
     before, after = step_weights(out / "step_3"), step_weights(out / "step_4")
     assert all(torch.equal(before[k], after[k]) for k in before)  # the skipped step 4 left the weights alone
     assert all(torch.isfinite(t).all() for t in after.values())
+
+
+TINY_PIPELINE = """
+name: tiny
+overrides: [train.batch_size=8, train.micro_batch_size=4, objective.top_k=4, eval.limit=4, eval.n=2, "eval.k=[1]",
+            train.eval_every=0, rollout.max_new_tokens=24, eval.max_new_tokens=24, "eval.tool_benchmarks=[]"]
+stages:
+  - {name: warm, stage: warmup, overrides: [student=lab_student, train.steps=3, "eval.benchmarks=[]"]}
+  - {name: first, stage: distill, overrides: [student.path=@warm, teacher.path=@warm, train.steps=2]}
+  - {name: second, stage: distill, overrides: [student.path=@warm, teacher.path=@warm, train.steps=8,
+                                               train.save_every=2]}
+  - {name: eval_second, stage: eval, overrides: [student.path=@second]}
+table1: {second: eval_second}
+"""
+
+
+def test_a_pipeline_rerun_skips_finished_stages_and_resumes_the_interrupted_one(tmp_path, lab_cache):
+    (tmp_path / "tiny.yaml").write_text(TINY_PIPELINE)
+    process = start_aopd("pipeline", "experiment=tiny.yaml", cwd=tmp_path, cache=lab_cache, log=tmp_path / "log")
+    wait_for(lambda: (tmp_path / "outputs/tiny/second/step_2/meta.json").is_file() or process.poll() is not None,
+             what="the second distillation's first checkpoint")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    client, runs = runs_of(tmp_path)
+    parent_id = next(r.info.run_id for r in runs if r.data.tags["stage"] == "pipeline")
+    rerun = run_aopd("pipeline", "experiment=tiny.yaml", cwd=tmp_path, cache=lab_cache)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "warm already finished" in rerun.stdout and "first already finished" in rerun.stdout
+    assert "resuming second from step" in rerun.stdout and "| second |" in rerun.stdout
+    _, runs = runs_of(tmp_path)
+    names = sorted(r.data.tags["mlflow.runName"] for r in runs)
+    assert names == ["eval_second", "first", "second", "tiny", "warm"]  # one run each: the same ones continued
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in runs if r.info.run_id != parent_id)
+    assert next(r for r in runs if r.data.tags["mlflow.runName"] == "eval_second").data.tags["evaluates"] == "second"

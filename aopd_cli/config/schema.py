@@ -217,9 +217,19 @@ class PipelineStage(Strict):
     shared: bool = False
 
 
+class Launch(Strict):
+    """Where an experiment is meant to run (`aopd show pipeline` and `aopd plan` say it)."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)  # 0: the CPU (the lab)
+    command: str = ""  # the launch, e.g. aopd pipeline experiment=paper_8b_3k --nproc-per-node 8
+    teacher: str = ""  # where the teacher scores (in-process, sharded; or a vLLM server on its own GPUs)
+
+
 class Experiment(Strict):
     name: str
     description: str = ""
+    launch: Launch = Launch()
     stages: list[PipelineStage]
     overrides: list[str] = []  # for every stage that has the key (like `key=value` on the command line)
     table1: dict[str, str] = {}  # row label -> eval stage (Pass@1 / Pass@4 per benchmark)
