@@ -206,6 +206,14 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
             yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step)
 
 
+def log_dataset(session: Session, context: str, source: str, records: list) -> None:
+    """A dataset the stage used, as an MLflow dataset input: its source, rows and a digest of the rows."""
+    if dist.is_main():
+        digest = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        session.tracker.log_dataset(Path(source).stem if "/" in source or "." in source else source, source,
+                                    len(records), digest, context)
+
+
 def finish(session: Session, result) -> None:
     """Record the stage as done (its identity and result), so rerunning it does nothing."""
     if dist.is_main():

@@ -18,6 +18,12 @@ def run(config, session, policy) -> dict[str, float]:
     from aopd_cli.eval.harness import evaluate_policy, print_metrics, write_samples
     from aopd_cli.rollout import make_rollout
 
+    from aopd_cli.data.loaders import load_records
+    from aopd_cli.stages.common import log_dataset
+
+    for kind, sources in (("math_benchmark", config.eval.benchmarks), ("tool_eval", config.eval.tool_benchmarks)):
+        for source in sources:
+            log_dataset(session, "eval", source, load_records(kind, source)[: config.eval.limit])
     rollout = make_rollout(config.rollout.engine, policy, config.rollout, config.eval.batch_size)
     metrics, samples = evaluate_policy(policy, rollout, config.eval, seed=config.seed)
     session.tracker.log_metrics(metrics, step=0)

@@ -25,7 +25,7 @@ from aopd_cli.eval import grade_math, grade_tool_calls
 from aopd_cli.objectives import OBJECTIVES, global_normalizer
 from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
 from aopd_cli.scoring import hf_scorer
-from aopd_cli.stages.common import StepBatch, rollout_micro_batches, sample_indices, train_loop
+from aopd_cli.stages.common import StepBatch, log_dataset, rollout_micro_batches, sample_indices, train_loop
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
 
@@ -83,6 +83,7 @@ def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=
     """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
     Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
+    log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
     is_math = config.stage == "distill"
     prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math

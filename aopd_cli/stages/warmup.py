@@ -24,7 +24,7 @@ from aopd_cli.eval.harness import evaluate_policy, print_metrics
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.progress import say
 from aopd_cli.rollout import make_rollout, right_pad
-from aopd_cli.stages.common import StepBatch, micro_batches, sample_indices, train_loop
+from aopd_cli.stages.common import StepBatch, log_dataset, micro_batches, sample_indices, train_loop
 
 
 def cache_key(config) -> str:
@@ -59,13 +59,14 @@ def prepare(config):
     seed_everything(config.seed)
     if config.reuse_cached and checkpoint_problem(cached_checkpoint(config)) is None:
         return None
-    conversations = [r["messages"] for r in load_data(config.data, "sft")]
+    datasets = [("train", config.data.source, load_data(config.data, "sft"))]
+    conversations = [r["messages"] for r in datasets[0][2]]
     if config.tool_data is not None:
-        conversations += [tool_sft_messages(r, config.tool_data.prompt_style)
-                          for r in load_data(config.tool_data, "tool_train")]
+        datasets.append(("train", config.tool_data.source, load_data(config.tool_data, "tool_train")))
+        conversations += [tool_sft_messages(r, config.tool_data.prompt_style) for r in datasets[1][2]]
     policy = load_policy(config.student, role="student", seed=config.seed, trainable=True,
                          activation_checkpointing=config.train.activation_checkpointing)
-    return conversations, policy
+    return conversations, policy, datasets
 
 
 def run(config, session, prepared) -> Path:
@@ -75,7 +76,9 @@ def run(config, session, prepared) -> Path:
         say(f"reusing the cached warm-up checkpoint {cached} (same config, hash {cache_key(config)})")
         session.tracker.set_tags({"reused_checkpoint": str(cached)})
         return _link_into_output(cached, out_dir / "checkpoint")
-    conversations, policy = prepared
+    conversations, policy, datasets = prepared
+    for context, source, records in datasets:
+        log_dataset(session, context, source, records)
     examples = [sft_example(policy.tokenizer, messages, policy.stop_ids) for messages in conversations]
     examples, too_long = fit_length(examples, train.max_seq_len, train.too_long)
     if too_long:
