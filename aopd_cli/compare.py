@@ -33,7 +33,7 @@ def group_label(run) -> str:
     """`stage:name` plus the swept values; seeds of the same configuration share a label."""
     tags = run.data.tags
     stage = tags.get("stage", "?")
-    name = tags.get("mlflow.runName", stage)
+    name = tags.get("mlflow.runName", stage).split()[0]  # run names end with the swept values and seed
     if name == stage:  # a stage run on its own (not a pipeline's stage): name it by its objective
         name = tags.get("objective", stage)
     # a swept key labels a training run only where the run has it (a pipeline's opd stage has no

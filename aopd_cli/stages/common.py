@@ -188,6 +188,10 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
             objective = getattr(config, "objective", None)
             if objective is not None:
                 all_tags["objective"] = objective.name
+            for role in ("student", "teacher", "base"):  # a reused warm-up is a link into the cache
+                model = getattr(config, role, None)
+                if model is not None and model.path and Path(model.path).is_symlink():
+                    all_tags[f"{role}.cache_path"] = str(Path(model.path).resolve())
             tracker = start_run(config.tracking, run_name=run_name or config.stage, tags=all_tags,
                                 parent_run_id=parent_run_id, backlog=out_dir / BACKLOG_FILE)
         tracker = tracker or NullTracker()
