@@ -116,6 +116,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     from aopd_cli.stages.common import output_lock
     from aopd_cli.tracking import NullTracker, closing, resume_run, start_run
 
+    dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
     console = Console()
     first = next(iter(plan.configs.values()))
     record_file = plan.root / "aopd_pipeline.json"
