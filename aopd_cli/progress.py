@@ -7,18 +7,22 @@ ETA) plus a line at each stage's start and end, so a cluster log is never silent
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
 
-from aopd_cli import distributed as dist
-
 KEY_METRICS = ("grad_norm", "entropy", "intervention_ratio", "response_len")  # train/<name>, when present
+
+
+def is_main() -> bool:
+    # torchrun's RANK, read without importing torch: the first line comes before the heavy imports
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def say(message: str) -> None:
     """One line of what the stage is doing (rank 0)."""
-    if dist.is_main():
+    if is_main():
         print(f"aopd: {message}", flush=True)
 
 
@@ -31,7 +35,7 @@ def _duration(seconds: float) -> str:
 @contextmanager
 def progress(label: str, total: int, start: int, every: int):
     """Yields `advance(step, metrics)` to call after each optimizer step (1-based step)."""
-    if not dist.is_main():
+    if not is_main():
         yield lambda step, metrics: None
         return
     if sys.stdout.isatty():

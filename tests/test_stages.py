@@ -46,6 +46,14 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     assert (work / "outputs/lab_smoke/comparison.md").is_file()
 
 
+def test_progress_reaches_a_log_file_as_plain_lines(smoke):
+    _, result = smoke  # stdout is a pipe here, as in a cluster log
+    assert "aopd: opd: steps 1-3 of 3" in result.stdout and "aopd: opd step 3/3 loss " in result.stdout
+    assert " it/s eta " in result.stdout and "aopd: opd: done, 3 steps in" in result.stdout
+    assert "━" not in result.stdout.split("Table 1")[0].split("aopd: opd: steps")[1].split("aopd: opd: done")[0]
+    assert "INFO mlflow" not in result.stderr and "Loading weights" not in result.stderr
+
+
 def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
     work, _ = smoke
     result = run_aopd("pipeline", "experiment=lab_smoke", "output_dir=outputs/again", "opd.train.steps=1",

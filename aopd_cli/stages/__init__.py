@@ -21,15 +21,16 @@ STAGE_MODULES = {  # stage -> module with `prepare(config)` and `run(config, ses
 def run_stage(config, *, parent_run_id: str | None = None, run_name: str | None = None,
               tags: dict[str, str] | None = None):
     """A checkpoint folder for training stages, metrics for eval."""
-    from aopd_cli import distributed
-    from aopd_cli.preflight import preflight
     from aopd_cli.progress import say
-    from aopd_cli.stages.common import finish, finished_result, stage_session
 
-    distributed.init()
     objective = getattr(config, "objective", None)
     run_name = run_name or " ".join([config.stage] + ([objective.name] if objective else []))
     say(f"{run_name}: checking inputs, output folder and tracking")
+    from aopd_cli import distributed
+    from aopd_cli.preflight import preflight
+    from aopd_cli.stages.common import finish, finished_result, stage_session
+
+    distributed.init()
     preflight(config)
     done = finished_result(config) if config.resume == "auto" else None
     if done is not None:
