@@ -45,6 +45,7 @@ def artifact(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_run_lands_on_a_real_mlflow_server(tmp_path, artifact):
     port = free_port()
     server = subprocess.Popen(
