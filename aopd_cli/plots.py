@@ -203,7 +203,9 @@ def _bars(ax, values: list[float | None], stds: list[float | None], x0: float, w
             ax.annotate("not\nlogged", (x, 0), xytext=(0, 2), textcoords="offset points", ha="center",
                         va="bottom", fontsize=6, color="#888888")
             continue
-        ax.bar(x, value, width, yerr=std if std else None, capsize=3, **style)
+        bar = ax.bar(x, value, width, yerr=std if std else None, capsize=3, **style)[0]
+        if not style.get("hatch"):  # an edge in the bar's colour: a bar at 0 still shows whose it is
+            bar.set(edgecolor=bar.get_facecolor(), linewidth=2, clip_on=False)
         up = value >= 0
         ax.annotate(f"{value:.3f}", (x, value + (std or 0) * (1 if up else -1)), xytext=(0, 2 if up else -2),
                     textcoords="offset points", ha="center", va="bottom" if up else "top", fontsize=6)
