@@ -62,12 +62,15 @@ def stage_groups(stage: str) -> dict[str, str]:
     return {k: v for entry in defaults if isinstance(entry, dict) for k, v in entry.items()}
 
 
-def list_all() -> str:
+def _experiments() -> list[str]:
     lines = ["Experiments (aopd pipeline experiment=NAME; aopd show pipeline experiment=NAME for its stages):"]
     for path in sorted(experiments_dir().glob("*.yaml")):
-        description = str(_yaml(path).get("description", ""))
-        lines.append(_wrap(f"  {path.stem}", description, 26))
-    lines += ["", "Recipe groups (GROUP=OPTION on the command line; aopd ls GROUP for keys and defaults):"]
+        lines.append(_wrap(f"  {path.stem}", str(_yaml(path).get("description", "")), 26))
+    return lines
+
+
+def list_all() -> str:
+    lines = _experiments() + ["", "Recipe groups (GROUP=OPTION on the command line; aopd ls GROUP for keys and defaults):"]
     users = {g: [s for s in STAGE_MODELS if g in stage_groups(s)] for g in groups()}
     for group in groups():
         lines.append(_wrap(f"  {group}", f"{', '.join(group_options(group))}   "
@@ -79,7 +82,7 @@ def list_all() -> str:
 
 def list_group(name: str) -> str:
     if name in ("experiments", "experiment"):
-        return list_all().split("\n\n")[0] + "\n"
+        return "\n".join(_experiments()) + "\n"
     if name in STAGE_MODELS:
         return list_stage(name)
     if name not in groups():
