@@ -85,12 +85,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def looks_like_hub_id(path: str) -> bool:
-    """"org/name" (or "name") with no file suffix and not starting like a path; anything else is a path."""
-    return not path.startswith((".", "/", "~")) and bool(re.fullmatch(r"[\w-]+(\.[\w-]+)*(/[\w.-]+)?", path)) \
-        and Path(path).suffix.lower() not in (".jsonl", ".json", ".parquet", ".safetensors", ".bin")
-
-
 def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int = 0, trainable: bool = False,
                 activation_checkpointing: bool = False) -> Policy:
     """A model and tokenizer from `cfg.path` (local folder or hub id) or a fresh lab model (`cfg.arch`),
@@ -109,8 +103,9 @@ def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int
         model = _fresh_lab_model(cfg.arch, tokenizer, seed).to(dtype)
     else:
         path = cfg.path
-        local = Path(path).expanduser()
-        if not looks_like_hub_id(path) and not (local / "config.json").is_file():
+        from aopd_cli.config.paths import names_a_path
+
+        if names_a_path(path) and not (Path(path).expanduser() / "config.json").is_file():
             raise UserError(f"{role}.path: no checkpoint at {path!r} (expected a folder with config.json; "
                             "run the stage that makes it, e.g. `aopd pipeline`, or give a hub id)")
         try:

@@ -33,7 +33,7 @@ class Plan:
     label: str = ""  # swept values and seed, for run names ("tau=0.2 seed=1")
 
 
-def _checkpoint_of(config) -> Path:
+def checkpoint_of(config) -> Path:
     """Where a stage leaves its checkpoint: its own folder (a reused warm-up is a link to the cache there)."""
     return Path(config.output_dir) / "checkpoint"
 
@@ -89,7 +89,7 @@ def _resolve(override: str, done: dict, stage_name: str) -> str:
     source = value[1:]
     if source not in done:
         raise ConfigError(f"stage {stage_name!r}: {override!r} refers to {source!r}, which is not an earlier stage")
-    return f"{key}={_checkpoint_of(done[source])}"
+    return f"{key}={checkpoint_of(done[source])}"
 
 
 def _accepts(stage: str, base: list[str], override: str) -> bool:

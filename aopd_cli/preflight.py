@@ -13,59 +13,23 @@ import shutil
 from pathlib import Path
 
 from aopd_cli.checkpoints import checkpoint_problem
+from aopd_cli.config.paths import input_problem, local_inputs, names_a_path
 from aopd_cli.errors import ConfigError, UserError
-
-KNOWN_SOURCES = {"lab_math", "lab_tools", "toolalpaca", "toolalpaca_real"}
-
-
-def is_named_source(source: str) -> bool:
-    from aopd_cli.data.loaders import KNOWN
-
-    return source in KNOWN or source in KNOWN_SOURCES
-
-
-def local_path(value: str) -> Path | None:
-    """The path `value` names, or None for a hub id ("org/name" that is not a local folder)."""
-    from aopd_cli.engine import looks_like_hub_id
-
-    path = Path(value).expanduser()
-    return path if path.exists() or not looks_like_hub_id(value) else None
-
-
-def _model_paths(config) -> list[tuple[str, object]]:
-    found = [("student", config.student)]
-    for role in ("teacher", "base"):
-        model = getattr(config, role, None)
-        if model is not None:
-            found.append((role, model))
-    return found
 
 
 def check_inputs(config) -> None:
     """Data and benchmark paths the config names (present, else ConfigError), checkpoints (present and
     whole, else UserError: they are made by runs)."""
-    sources = [("data.source", config.data.source)] if hasattr(config, "data") else []
-    tool_data = getattr(config, "tool_data", None)
-    if tool_data is not None:
-        sources.append(("tool_data.source", tool_data.source))
-    sources += [("eval.benchmarks", b) for b in config.eval.benchmarks]
-    sources += [("eval.tool_benchmarks", b) for b in config.eval.tool_benchmarks]
-    for key, source in sources:
-        path = None if is_named_source(source) else local_path(source)
-        if path is not None and not path.exists():
-            raise ConfigError(f"{key}={source}: no such file or folder")
-    for role, model in _model_paths(config):
-        if model.path is None:
+    for key, value, role in local_inputs(config):
+        if not names_a_path(value):
             continue
-        path = local_path(model.path)
-        if path is None:
-            continue
-        if not path.exists():
-            raise UserError(f"{role}.path: no checkpoint at {model.path!r} (expected a folder with config.json; "
-                            "run the stage that makes it, e.g. `aopd pipeline`, or give a hub id)")
-        problem = checkpoint_problem(path)
+        problem = input_problem(key, value, role)
         if problem:
-            raise UserError(f"{role}.path={model.path}: not a whole checkpoint: {problem}")
+            raise (UserError if role == "checkpoint" else ConfigError)(problem)
+        if role == "checkpoint":
+            broken = checkpoint_problem(Path(value).expanduser())
+            if broken:
+                raise UserError(f"{key}={value}: not a whole checkpoint: {broken}")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -83,8 +47,8 @@ def checkpoint_bytes(config) -> int:
         per_layer = 4 * arch.hidden_size * arch.num_heads * arch.head_dim + 3 * arch.hidden_size * arch.intermediate_size
         params = arch.num_layers * per_layer + 128 * arch.hidden_size
     else:
-        path = local_path(model.path)
-        if path is None or not path.is_dir():
+        path = Path(model.path).expanduser()
+        if not names_a_path(model.path) or not path.is_dir():
             return 0  # a hub model: its size is known once downloaded
         params = sum(f.stat().st_size for f in path.glob("*.safetensors")) // 2  # bf16 on disk, as a floor
     return params * 4 * 3

@@ -32,8 +32,8 @@ CASES = [  # (arguments after the tiny distill ones, exit code, text in the one 
     (["student.path=truncated"], 1, "truncated/model.safetensors: truncated"),
     (["tracking.uri=foo://bar"], 1, "unknown scheme 'foo'"),
     (["output_dir=a_file/out"], 1, "output_dir=a_file/out: cannot write there"),
-    (["data.source=data/mine.jsonl"], 2, "data.source=data/mine.jsonl: no such file or folder"),
-    (["eval.benchmarks=[nowhere.jsonl]"], 2, "eval.benchmarks=nowhere.jsonl: no such file or folder"),
+    (["data.source=data/mine.jsonl"], 2, "data.source: no data file or folder at 'data/mine.jsonl'"),
+    (["eval.benchmarks=[nowhere.jsonl]"], 2, "eval.benchmarks: no benchmark file at 'nowhere.jsonl'"),
     (["train.lr=inf"], 2, "train.lr=inf: Input should be a finite number"),
     (["objective=exopd", "objective.lam=inf"], 2, "objective.lam=inf: Input should be a finite number"),
 ]

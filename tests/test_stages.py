@@ -21,6 +21,7 @@ def runs_by_name(work):
     return client, {r.data.tags["mlflow.runName"]: r for r in runs}
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     work, result = smoke
     assert "Table 1: Pass@1 / Pass@2" in result.stdout and "| SFT ckpt | " in result.stdout and "Table 2: continual learning" in result.stdout
@@ -46,6 +47,7 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     assert (work / "outputs/lab_smoke/comparison.md").is_file()
 
 
+@pytest.mark.slow
 def test_progress_reaches_a_log_file_as_plain_lines(smoke):
     _, result = smoke  # stdout is a pipe here, as in a cluster log
     assert "aopd: opd: steps 1-3 of 3" in result.stdout and "aopd: opd step 3/3 loss " in result.stdout
@@ -54,6 +56,7 @@ def test_progress_reaches_a_log_file_as_plain_lines(smoke):
     assert "INFO mlflow" not in result.stderr and "Loading weights" not in result.stderr
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
     work, _ = smoke
     result = run_aopd("pipeline", "experiment=lab_smoke", "output_dir=outputs/again", "opd.train.steps=1",
@@ -72,6 +75,7 @@ def test_tracking_overrides_reach_shared_stages_and_the_parent_run(lab_cache):
     assert plan.configs["teacher"].seed == 0 and plan.configs["aopd"].seed == 3  # shared warm-ups keep theirs
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(smoke, lab_cache):
     work, _ = smoke
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
@@ -90,6 +94,7 @@ def test_same_seed_gives_identical_metrics(smoke, lab_cache):
     assert len(histories) == 2 and histories[0] == histories[1]
 
 
+@pytest.mark.slow
 def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cache, tmp_path):
     work, _ = smoke
     import torch
@@ -113,6 +118,7 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
     del torch
 
 
+@pytest.mark.slow
 def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
     import aopd_cli.stages.onpolicy as onpolicy
     from aopd_cli.stages import run_stage
@@ -137,6 +143,7 @@ def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tm
     assert len(calls) == 3  # once per optimizer step, after it
 
 
+@pytest.mark.slow
 def test_gkd_off_policy_mix_is_refused_without_reference_responses(smoke, lab_cache):
     work, _ = smoke
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
