@@ -72,7 +72,8 @@ def fingerprint(path: str | Path) -> str:
 
 
 def identity(config) -> str:
-    dump = config.model_dump(mode="json", exclude=_NOT_IDENTITY)
+    # evaluation settings are what an eval stage computes; for a training stage they only shape its curves
+    dump = config.model_dump(mode="json", exclude=_NOT_IDENTITY - ({"eval"} if config.stage == "eval" else set()))
     if "train" in dump:
         dump["train"] = {k: v for k, v in dump["train"].items() if k not in _TRAIN_NOT_IDENTITY}
     inputs = {role: fingerprint(model.path) for role in ("student", "teacher", "base")
@@ -89,11 +90,15 @@ def _read(path: Path) -> dict | None:
 
 def finished_result(config):
     """The result of a finished run of this very configuration in its output folder, else None."""
+    from aopd_cli.checkpoints import checkpoint_problem
+
     done = _read(Path(config.output_dir) / DONE_FILE)
     if done is None or done.get("identity") != identity(config):
         return None
     result = done["result"]
-    return Path(result) if isinstance(result, str) else result
+    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared)
+        return None if checkpoint_problem(Path(result)) else Path(result)
+    return result
 
 
 # ---------------------------------------------------------------- the session
