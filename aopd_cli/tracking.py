@@ -236,7 +236,7 @@ def _sqlite_creation_lock(uri: str):
 def connect(uri: str | None):
     """An MlflowClient on the store, checked to answer (clear error before any work if not)."""
     _quiet()
-    uri = uri or DEFAULT_URI
+    uri = absolute(uri or DEFAULT_URI)
     scheme = uri.split(":", 1)[0] if ":" in uri else "file"
     if scheme not in ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks") and "://" in uri:
         raise UserError(f"tracking.uri={uri!r}: unknown scheme {scheme!r} (use sqlite:///FILE, http://HOST:PORT "
@@ -253,6 +253,15 @@ def connect(uri: str | None):
                         "start it, set tracking.uri, or set tracking.enabled=false") from None
     mlflow.set_tracking_uri(uri)
     return client
+
+
+def absolute(uri: str) -> str:
+    """A SQLite store named relative to the working directory, made absolute: MLflow caches its stores by
+    URI, so one process that changes directory would otherwise keep writing to the first folder's file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
 
 
 def experiment_id(client, name: str) -> str:
