@@ -190,9 +190,9 @@ def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rol
             return
         largest = dist.all_reduce([drift["max"]], "max")[0]
         total, count = dist.all_reduce([drift["sum"], drift["count"]])
-        session.tracker.log_metrics({**timings, names.rollout("logprob_diff_max"): largest,
-                                     names.rollout("logprob_diff_mean"): total / max(count, 1)},
-                                    step=drift["step"] + 1)
+        if count:  # not on a step of reference responses (gkd's lmbda < 1): nothing was sampled
+            timings |= {names.rollout("logprob_diff_max"): largest, names.rollout("logprob_diff_mean"): total / count}
+        session.tracker.log_metrics(timings, step=drift["step"] + 1)
 
     with teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir) \
             if spec.teacher_scores else nullcontext() as score:  # make_step reads `score` when it runs
