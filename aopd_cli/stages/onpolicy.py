@@ -194,8 +194,12 @@ def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rol
             timings |= {names.rollout("logprob_diff_max"): largest, names.rollout("logprob_diff_mean"): total / count}
         session.tracker.log_metrics(timings, step=drift["step"] + 1)
 
-    with teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir) \
-            if spec.teacher_scores else nullcontext() as score:  # make_step reads `score` when it runs
+    scorer = nullcontext()
+    if spec.teacher_scores and config.teacher.engine == "hf":
+        scorer = nullcontext(hf_scorer(teacher, objective.top_k))
+    elif spec.teacher_scores:  # an engine or a server, for the loop and no longer
+        scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
+    with scorer as score:  # make_step reads `score` when it runs
         checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
                                 after_update=after_update, evaluate=evaluate, label=session.name)
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
