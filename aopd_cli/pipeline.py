@@ -47,6 +47,7 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         pairs.append((key, value, override))
     experiment = load_experiment(next((v for k, v, _ in pairs if k == "experiment"), "lab"))
     names = [s.name for s in experiment.stages]
+    stages = {s.name: s.stage for s in experiment.stages}
     root, targeted, shared = None, {}, []
     for key, value, override in pairs:
         head, _, rest = key.partition(".")
@@ -54,7 +55,9 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
             continue
         if key == "output_dir":
             root = value
-        elif rest and head in names:
+        # a stage named like a config group (the lab's `teacher`) takes `teacher.key=...` only if it has the
+        # key; else the override is the group's, for every stage (`teacher.engine=server`)
+        elif rest and head in names and (head not in SHARED_GROUPS or _accepts(stages[head], [], f"{rest}={value}")):
             targeted.setdefault(head, []).append(f"{rest}={value}")
         else:
             shared.append(override)
@@ -80,6 +83,9 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
     if unused:
         raise ConfigError(f"{unused[0]}: no stage of experiment {experiment.name!r} has this key")
     return Plan(experiment, configs, root_dir, extra_tags or {}, stage_tags, label)
+
+
+SHARED_GROUPS = {"student", "teacher", "base", "data", "objective", "rollout", "train", "eval", "tracking"}
 
 
 def _resolve(override: str, done: dict, stage_name: str) -> str:

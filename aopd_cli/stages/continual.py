@@ -12,22 +12,22 @@ from pathlib import Path
 
 from aopd_cli import metrics as names
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.rollout import make_rollout
-from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, prepare  # noqa: F401 - prepare: run_stage
+from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, stage_rollouts
+from aopd_cli.stages.onpolicy import prepare  # noqa: F401 - run_stage calls it
 
 
 def run(config, session, prepared) -> Path:
     records, student, teacher, base = prepared
-    eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
     measured = session.out_dir / "before.json"
-    if session.resume_from is not None and measured.is_file():  # measured by the run this one continues
-        before = json.loads(measured.read_text())
-    else:
-        before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
-        session.tracker.log_metrics(before, step=0)
-        measured.write_text(json.dumps(before))
-    checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base)
-    after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
+        if session.resume_from is not None and measured.is_file():  # measured by the run this one continues
+            before = json.loads(measured.read_text())
+        else:
+            before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+            session.tracker.log_metrics(before, step=0)
+            measured.write_text(json.dumps(before))
+        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout)
+        after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
     retention = {}
     for k in config.eval.k:
         key = names.pass_at(names.MATH_AVG, k)

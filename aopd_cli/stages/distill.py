@@ -10,22 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.rollout import make_rollout
-from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, prepare  # noqa: F401 - prepare: run_stage
+from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, stage_rollouts
+from aopd_cli.stages.onpolicy import prepare  # noqa: F401 - run_stage calls it
 
 
 def run(config, session, prepared) -> Path:
     records, student, teacher, base = prepared
-    eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
+    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
 
-    def evaluate(step: int) -> dict[str, float]:
-        return evaluate_policy(student, eval_rollout, config.eval, seed=config.seed + step, tools=False)[0]
+        def evaluate(step: int) -> dict[str, float]:
+            return evaluate_policy(student, eval_rollout, config.eval, seed=config.seed + step, tools=False)[0]
 
-    if config.train.eval_every and config.eval.benchmarks and session.resume_from is None:
-        session.tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
-    checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, evaluate=evaluate)
-    # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
-    metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)[0]
+        if config.train.eval_every and config.eval.benchmarks and session.resume_from is None:
+            session.tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
+        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout,
+                                               evaluate=evaluate)
+        # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
+        metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)[0]
     session.tracker.log_metrics(metrics, step=config.train.steps)
     print_metrics(session.name, metrics, config.eval)
     log_advantages(session.tracker, advantages, session.out_dir, config.objective.name)

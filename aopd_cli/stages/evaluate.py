@@ -11,7 +11,12 @@ def prepare(config):
     from aopd_cli.engine import load_policy, seed_everything
 
     seed_everything(config.seed)
-    return load_policy(config.student, role="student", seed=config.seed)
+    policy = load_policy(config.student, role="student", seed=config.seed)
+    if config.rollout.engine == "vllm":  # refused here, before any run, when vLLM cannot run the model
+        from aopd_cli.rollout.vllm import check_rollout_model
+
+        check_rollout_model(policy)
+    return policy
 
 
 def run(config, session, policy) -> dict[str, float]:
@@ -25,7 +30,10 @@ def run(config, session, policy) -> dict[str, float]:
         for source in sources:
             log_dataset(session, "eval", source, load_records(kind, source)[: config.eval.limit])
     rollout = make_rollout(config.rollout.engine, policy, config.rollout, config.eval.batch_size)
-    metrics, samples = evaluate_policy(policy, rollout, config.eval, seed=config.seed)
+    try:
+        metrics, samples = evaluate_policy(policy, rollout, config.eval, seed=config.seed)
+    finally:
+        rollout.close()
     session.tracker.log_metrics(metrics, step=0)
     session.tracker.log_artifact(write_samples(samples, session.out_dir / "samples.jsonl"))
     print_metrics(f"eval of {config.student.path or 'a fresh lab model'}", metrics, config.eval)

@@ -11,6 +11,7 @@ syncs the rollout weights. What an objective needs comes from `objectives.OBJECT
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.errors import UserError
 from aopd_cli.eval import grade_math, grade_tool_calls
 from aopd_cli.objectives import OBJECTIVES, global_normalizer
-from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
-from aopd_cli.scoring import hf_scorer
+from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
+from aopd_cli.scoring import check_teacher, hf_scorer, score_rows, teacher_scorer
 from aopd_cli.stages.common import StepBatch, log_dataset, rollout_micro_batches, sample_indices, train_loop
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
@@ -44,16 +45,51 @@ def prepare(config):
 
 
 def load_models(config):
-    """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary."""
+    """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary.
+    A teacher scored by vLLM (in-process or a server) is not loaded here, only checked; the models that
+    rollout=vllm samples from are checked to run on vLLM here."""
+    spec = OBJECTIVES[config.objective.name]
     student = load_policy(config.student, role="student", seed=config.seed, trainable=True,
                           activation_checkpointing=config.train.activation_checkpointing)
-    teacher = load_policy(config.teacher, role="teacher", device=student.device)
-    check_compatible(student, teacher, "teacher")
+    teacher = None
+    if config.teacher.engine == "hf" or spec.samples_from == "teacher":
+        teacher = load_policy(config.teacher, role="teacher", device=student.device)
+        check_compatible(student, teacher, "teacher")
+    if config.teacher.engine != "hf" and spec.teacher_scores:
+        check_teacher(config.teacher, student, config.objective.top_k)
+    if config.rollout.engine == "vllm":
+        from aopd_cli.rollout.vllm import check_rollout_model
+
+        check_rollout_model(student if spec.samples_from == "student" else teacher, spec.samples_from)
     base = None
-    if OBJECTIVES[config.objective.name].frozen_base:
+    if spec.frozen_base:
         base = load_policy(config.base or config.student, role="base", device=student.device, seed=config.seed)
         check_compatible(student, base, "base")
     return student, teacher, base
+
+
+@contextmanager
+def stage_rollouts(config, student, teacher):
+    """(rollout, evaluation rollout) for the stage, closed at its end. With rollout=vllm evaluations run
+    on the rollout engine when it holds the student (it is synced after every update), else on a student
+    engine of their own, synced before each evaluation; with rollout=hf they use HF generate."""
+    spec, rollout_cfg = OBJECTIVES[config.objective.name], config.rollout
+    with ExitStack() as stack:
+        sampler = student if spec.samples_from == "student" else teacher
+        rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
+        stack.callback(rollout.close)
+        if rollout_cfg.engine == "vllm" and sampler is student:
+            yield rollout, rollout
+            return
+        evaluation = make_rollout(rollout_cfg.engine, student, rollout_cfg, config.eval.batch_size)
+        stack.callback(evaluation.close)
+        if rollout_cfg.engine == "vllm":
+            def generate(*args, **kwargs):
+                evaluation.sync_weights()
+                return evaluation.generate(*args, **kwargs)
+
+            evaluation = Rollout(generate, evaluation.sync_weights, evaluation.close)
+        yield rollout, evaluation
 
 
 def objective_loss(objective):
@@ -79,7 +115,8 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
-def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=None) -> tuple[Path, torch.Tensor]:
+def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rollout, *,
+                  evaluate=None) -> tuple[Path, torch.Tensor]:
     """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
     Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
@@ -88,11 +125,11 @@ def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=
     is_math = config.stage == "distill"
     prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math
                         else tool_messages(r, config.data.prompt_style), add_generation_prompt=True) for r in records]
-    sampler = student if spec.samples_from == "student" else teacher
-    rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
-    score = hf_scorer(teacher, objective.top_k) if spec.teacher_scores else None
+    remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng, advantages = random.Random(config.seed), []
+    # the engine's log-probs of the step's samples, and how far the loss's own values are from them
+    drift = {"step": None, "engine_logprobs_BR": None, "max": 0.0, "sum": 0.0, "count": 0}
 
     def make_step(step: int) -> StepBatch:
         timings: dict[str, float] = {}
@@ -106,15 +143,19 @@ def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=
                                          temperature=rollout_cfg.temperature, max_new_tokens=rollout_cfg.max_new_tokens,
                                          seed=config.seed * 100003 + step + 7919 * dist.rank())
         micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
+        drift.update(step=step, max=0.0, sum=0.0, count=0,
+                     engine_logprobs_BR=batch.logprobs_BR if spec.samples_from == "student" else None)
         with names.timed("teacher", timings):
+            if remote:
+                score_rows(score, micro_batches, rollout_micro_batches(batch, len(batch.prompt_index_B))[0])
             # a sharded scorer needs the same number of forwards on every rank: extra ones are thrown away
             rounds = int(dist.all_reduce([len(micro_batches)], "max")[0])
             for index in range(rounds):
                 micro = micro_batches[min(index, len(micro_batches) - 1)]
-                teacher_scores = score(micro) if score is not None else None
+                teacher_scores = score(micro) if score is not None and not remote else None
                 base_scores = score_base(micro) if score_base is not None else None
                 if index < len(micro_batches):
-                    micro.teacher = teacher_scores
+                    micro.teacher = micro.teacher if remote else teacher_scores
                     micro.base_logprobs_BT = base_scores.token_logprobs if base_scores is not None else None
             if spec.grades(objective):
                 correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
@@ -130,12 +171,38 @@ def onpolicy_loop(config, session, records, student, teacher, base, *, evaluate=
         output = base_loss(head, micro, normalizer)
         if output.advantages is not None and sum(a.numel() for a in advantages) < ADVANTAGE_SAMPLE:
             advantages.append(output.advantages.detach().float().cpu())
+        engine_BR = drift["engine_logprobs_BR"]
+        if engine_BR is not None and output.token_logprobs is not None:  # before the step: the sampling weights
+            mask_BT = micro.mask_BT.cpu()
+            gap_N = (output.token_logprobs.float().cpu() - engine_BR[micro.rows_B, :mask_BT.shape[1]][mask_BT]).abs()
+            if gap_N.numel():
+                drift.update(max=max(drift["max"], float(gap_N.max())), sum=drift["sum"] + float(gap_N.sum()),
+                             count=drift["count"] + gap_N.numel())
         return output
 
-    # a frozen teacher's engine has nothing to sync after a student update
-    sync = rollout.sync_weights if spec.samples_from == "student" else (lambda: None)
-    checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
-                            after_update=sync, evaluate=evaluate, label=session.name)
+    def after_update():
+        # a frozen teacher's engine has nothing to sync after a student update
+        if spec.samples_from != "student":
+            return
+        timings: dict[str, float] = {}
+        with names.timed("sync", timings):
+            rollout.sync_weights()
+        if drift["step"] is None or rollout_cfg.engine == "hf":  # resuming; or nothing to sync or compare
+            return
+        largest = dist.all_reduce([drift["max"]], "max")[0]
+        total, count = dist.all_reduce([drift["sum"], drift["count"]])
+        if count:  # not on a step of reference responses (gkd's lmbda < 1): nothing was sampled
+            timings |= {names.rollout("logprob_diff_max"): largest, names.rollout("logprob_diff_mean"): total / count}
+        session.tracker.log_metrics(timings, step=drift["step"] + 1)
+
+    scorer = nullcontext()
+    if spec.teacher_scores and config.teacher.engine == "hf":
+        scorer = nullcontext(hf_scorer(teacher, objective.top_k))
+    elif spec.teacher_scores:  # an engine or a server, for the loop and no longer
+        scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
+    with scorer as score:  # make_step reads `score` when it runs
+        checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
+                                after_update=after_update, evaluate=evaluate, label=session.name)
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 
