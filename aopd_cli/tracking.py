@@ -30,6 +30,8 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 BACKLOG_FILE = "tracking_backlog.jsonl"
 RETRY_EVERY_S = 20.0  # while the server is away, try it again at most this often
 CLOSE_WAIT_S = 90.0  # at the end of a run, how long to wait for an away server before leaving the backlog
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+UI_VIEW = "aopd"  # the runs table's shared view that aopd writes and links to
 EXPERIMENT_DESCRIPTION = ("Runs of aopd (Asymmetric On-Policy Distillation and its baselines). Each stage is a run; "
                           "pipelines and sweeps are parent runs. Compare with `aopd compare`.")
 
@@ -266,6 +268,37 @@ def experiment_id(client, name: str) -> str:
     except Exception:  # noqa: BLE001 - another process created it between the two calls
         created = client.get_experiment_by_name(name).experiment_id
     return created
+
+
+def table_columns(configs, swept=()) -> list[str]:
+    """The runs table's columns for runs of these stage configs, as the UI names them: the objective and
+    the swept keys, each benchmark's Pass@1 and tool success, the loss."""
+    from aopd_cli import metrics as names
+
+    params = ["objective.name", "objective.tau", *(key for key in swept if key != "seed")]
+    evals = [config.eval for config in configs if getattr(config, "eval", None) is not None]
+    metrics = ([names.pass_at(b, 1) for e in evals for b in e.benchmarks]
+               + [names.tool(b, "success") for e in evals for b in e.tool_benchmarks] + [names.train("loss")])
+    return [f"params.`{k}`" for k in dict.fromkeys(params)] + [f"metrics.`{k}`" for k in dict.fromkeys(metrics)]
+
+
+def runs_link(tracking, columns: list[str], expanded=()) -> str:
+    """How to see the runs: the `mlflow ui` command and a link to the experiment's runs table with these
+    columns and the `expanded` parent runs unfolded. Without it MLflow 3.17's UI opens on its GenAI overview
+    ("Traces 0"; its GenAI / Model training switch wins over the experiment's kind tag) and a new runs table
+    has no param or metric column. The columns go in a shared view: an experiment tag the UI reads."""
+    uri = tracking.uri or DEFAULT_URI
+    served = uri.startswith(("http://", "https://"))
+    how, base = ("", uri.rstrip("/")) if served else (f"`mlflow ui --backend-store-uri {uri}`, then ", UI_URL)
+    try:
+        client = connect(uri)
+        exp = experiment_id(client, tracking.experiment)
+        view = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
+                "runsExpanded": dict.fromkeys(list(expanded)[:64], True)}  # a tag holds 5000 characters
+        client.set_experiment_tag(exp, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
+    except Exception:  # noqa: BLE001 - the view is a convenience: the command alone still opens the store
+        return how + base
+    return f"{how}{base}/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}"
 
 
 def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
