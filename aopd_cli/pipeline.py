@@ -151,7 +151,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
                 if parent.run_id:
                     swept = [key.removeprefix("sweep.") for key in plan.extra_tags if key.startswith("sweep.")]
                     link = runs_link(first.tracking, table_columns(plan.configs.values(), swept),
-                                     [run for run in (parent_run_id, parent.run_id) if run])
+                                     f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
                 say(f"pipeline {name} done: {plan.root}"
                     + (f", MLflow run {parent.run_id}; see the runs with {link}" if parent.run_id else ""))
             return results

@@ -127,8 +127,8 @@ def run_sweep(plan: SweepPlan) -> None:
         return
     targets = [c.target for c in plan.children]
     configs = [config for t in targets for config in (t.configs.values() if plan.stage == "pipeline" else [t])]
-    children = [run.info.run_id for run in find_runs(uri, experiment, f"tags.mlflow.parentRunId = '{parent.run_id}'")]
-    link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values), [parent.run_id, *children])
+    link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
+                     f"tags.sweep_id = '{plan.sweep_id}' and tags.stage != 'pipeline'")  # every stage of every child
     # soft_wrap: a command cut across lines cannot be pasted
     console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`; "
                   f"see the runs with {link}", soft_wrap=True, highlight=False)

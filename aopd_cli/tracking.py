@@ -282,23 +282,29 @@ def table_columns(configs, swept=()) -> list[str]:
     return [f"params.`{k}`" for k in dict.fromkeys(params)] + [f"metrics.`{k}`" for k in dict.fromkeys(metrics)]
 
 
-def runs_link(tracking, columns: list[str], expanded=()) -> str:
-    """How to see the runs: the `mlflow ui` command and a link to the experiment's runs table with these
-    columns and the `expanded` parent runs unfolded. Without it MLflow 3.17's UI opens on its GenAI overview
-    ("Traces 0"; its GenAI / Model training switch wins over the experiment's kind tag) and a new runs table
-    has no param or metric column. The columns go in a shared view: an experiment tag the UI reads."""
+def runs_view(client, experiment: str, columns: list[str], search: str = "") -> str:
+    """Write the runs table's view (these columns; the runs matching `search`, one flat list by name) as a
+    shared view of the experiment, an experiment tag the UI reads; the URL fragment that opens it in the
+    UI's Model training workflow. A shared view cannot unfold parent runs, and sorted by start time the
+    table folds stages under their pipeline: sorted by name it lists them, `aopd tau=-1` next to `aopd tau=0`."""
+    exp = experiment_id(client, experiment)
+    view = {"searchFilter": search, "orderByKey": "attributes.run_name", "orderByAsc": True,
+            "selectedColumns": columns}
+    client.set_experiment_tag(exp, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
+    return f"#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}"
+
+
+def runs_link(tracking, columns: list[str], search: str = "") -> str:
+    """How to see the runs: the `mlflow ui` command and a link to the runs table with these columns.
+    Without it MLflow 3.17's UI opens on its GenAI overview ("Traces 0": its GenAI / Model training switch
+    wins over the experiment's kind tag) and a new runs table shows no param or metric column."""
     uri = tracking.uri or DEFAULT_URI
     served = uri.startswith(("http://", "https://"))
     how, base = ("", uri.rstrip("/")) if served else (f"`mlflow ui --backend-store-uri {uri}`, then ", UI_URL)
     try:
-        client = connect(uri)
-        exp = experiment_id(client, tracking.experiment)
-        view = {"orderByKey": "attributes.start_time", "orderByAsc": False, "selectedColumns": columns,
-                "runsExpanded": dict.fromkeys(list(expanded)[:64], True)}  # a tag holds 5000 characters
-        client.set_experiment_tag(exp, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
+        return f"{how}{base}/{runs_view(connect(uri), tracking.experiment, columns, search)}"
     except Exception:  # noqa: BLE001 - the view is a convenience: the command alone still opens the store
         return how + base
-    return f"{how}{base}/#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}"
 
 
 def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,

@@ -71,9 +71,12 @@ def test_the_experiment_opens_on_its_runs_with_a_description(ui_server):
     view = json.loads(tags["mlflow.sharedViewState.aopd"])
     assert view["selectedColumns"][:2] == ["params.`objective.name`", "params.`objective.tau`"]
     assert {"metrics.`eval/lab_math/pass_at_1`", "metrics.`train/loss`"} <= set(view["selectedColumns"])
-    runs = ui(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
-    parents = {run["info"]["run_id"] for run in runs if pairs(run["data"]["tags"])["stage"] in ("sweep", "pipeline")}
-    assert set(view["runsExpanded"]) == parents and len(parents) == 3  # the sweep and its two pipelines unfolded
+    # the view lists the sweep's stage runs, one flat list by name (sorted by start time, the UI folds them)
+    assert view["orderByKey"] == "attributes.run_name"
+    listed = ui(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": view["searchFilter"],
+                                      "order_by": ["attributes.run_name ASC"]})["runs"]
+    assert [run["info"]["run_name"] for run in listed] == [
+        "aopd tau=-1 seed=0", "aopd tau=0 seed=0", "eval_aopd tau=-1 seed=0", "eval_aopd tau=0 seed=0"]
 
 
 @pytest.mark.slow

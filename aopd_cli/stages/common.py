@@ -230,7 +230,9 @@ def finish(session: Session, result) -> None:
         if session.tracker.run_id and session.parent_run_id is None:
             from aopd_cli.tracking import runs_link, table_columns
 
-            say(f"see the runs with {runs_link(session.config.tracking, table_columns([session.config]))}")
+            link = runs_link(session.config.tracking, table_columns([session.config]),
+                             f"tags.stage = '{session.config.stage}'")
+            say(f"see the runs with {link}")
 
 
 # ---------------------------------------------------------------- batches
