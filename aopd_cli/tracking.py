@@ -272,14 +272,16 @@ def experiment_id(client, name: str) -> str:
 
 def table_columns(configs, swept=()) -> list[str]:
     """The runs table's columns for runs of these stage configs, as the UI names them: the objective and
-    the swept keys, each benchmark's Pass@1 and tool success, the loss."""
+    the swept values as tags (eval runs carry them too; else the param `objective.tau`), each benchmark's
+    Pass@1 and tool success, the loss."""
     from aopd_cli import metrics as names
 
-    params = ["objective.name", "objective.tau", *(key for key in swept if key != "seed")]
+    tags = ["objective", *(f"sweep.{key}" for key in swept if key != "seed")]
     evals = [config.eval for config in configs if getattr(config, "eval", None) is not None]
     metrics = ([names.pass_at(b, 1) for e in evals for b in e.benchmarks]
                + [names.tool(b, "success") for e in evals for b in e.tool_benchmarks] + [names.train("loss")])
-    return [f"params.`{k}`" for k in dict.fromkeys(params)] + [f"metrics.`{k}`" for k in dict.fromkeys(metrics)]
+    return ([f"tags.`{k}`" for k in tags] + ([] if len(tags) > 1 else ["params.`objective.tau`"])
+            + [f"metrics.`{k}`" for k in dict.fromkeys(metrics)])
 
 
 def runs_view(client, experiment: str, columns: list[str], search: str = "") -> str:
@@ -288,8 +290,10 @@ def runs_view(client, experiment: str, columns: list[str], search: str = "") -> 
     UI's Model training workflow. A shared view cannot unfold parent runs, and sorted by start time the
     table folds stages under their pipeline: sorted by name it lists them, `aopd tau=-1` next to `aopd tau=0`."""
     exp = experiment_id(client, experiment)
-    view = {"searchFilter": search, "orderByKey": "attributes.run_name", "orderByAsc": True,
-            "selectedColumns": columns}
+    # columns wide enough for their names (the UI's 100 px cut `eval/lab_math/pass_at_1` to `eval/lab_math/p`)
+    widths = {"attributes.`Run Name`": 260, **{c: min(220, 40 + 7 * len(c.split("`")[1])) for c in columns}}
+    view = {"searchFilter": search, "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+            "selectedColumns": columns, "columnOrder": list(widths), "columnWidths": widths}
     client.set_experiment_tag(exp, f"mlflow.sharedViewState.{UI_VIEW}", json.dumps(view))
     return f"#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey={UI_VIEW}"
 
