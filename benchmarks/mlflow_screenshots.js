@@ -7,8 +7,8 @@ const { chromium } = require('playwright-core');
 
 const spec = JSON.parse(process.argv[2]);
 
-async function settle(page, text) {
-  await page.getByText(text, { exact: true }).first().waitFor({ timeout: 90000 });
+async function settle(page, shown) {
+  await shown.first().waitFor({ timeout: 90000 });
   await page.waitForTimeout(2000); // the grid and the plots size themselves after the data arrive
 }
 
@@ -53,12 +53,12 @@ async function choose(page, label, wanted) {
     });
     const page = await context.newPage();
     await page.goto(spec.runs_url);
-    await settle(page, spec.first_run);
+    await settle(page, page.locator('.ag-row').getByText(spec.first_run, { exact: true })); // a row, not the breadcrumb
     await page.screenshot({ path: spec.runs_png });
 
     await page.setViewportSize({ width: spec.width, height: spec.compare_height });
     await page.goto(spec.compare_url);
-    await settle(page, 'Parameters:');
+    await settle(page, page.getByText('Parameters:', { exact: true }));
     await choose(page, 'Parameters:', spec.params);
     await choose(page, 'Metrics:', spec.metrics);
     // params: only those that differ; metrics: all, so the evaluations (first in name order) always show
