@@ -120,7 +120,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     from aopd_cli.progress import say
     from aopd_cli.stages import run_stage
     from aopd_cli.stages.common import output_lock
-    from aopd_cli.tracking import NullTracker, closing, resume_run, start_run
+    from aopd_cli.tracking import NullTracker, closing, resume_run, runs_link, start_run, table_columns
 
     dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
     console = Console()
@@ -154,14 +154,13 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
                 console.print(report, highlight=False, soft_wrap=True, markup=False)
                 (plan.root / "comparison.md").write_text(report)
                 parent.log_artifact(plan.root / "comparison.md")
-                say(f"pipeline {name} done: {plan.root}" + (f", MLflow run {parent.run_id}; browse with "
-                                                            f"`{mlflow_ui_command(first.tracking.uri)}`"
-                                                            if parent.run_id else ""))
+                if parent.run_id:
+                    swept = [key.removeprefix("sweep.") for key in plan.extra_tags if key.startswith("sweep.")]
+                    link = runs_link(first.tracking, table_columns(plan.configs.values(), swept),
+                                     f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+                say(f"pipeline {name} done: {plan.root}"
+                    + (f", MLflow run {parent.run_id}; see the runs with {link}" if parent.run_id else ""))
             return results
-
-
-def mlflow_ui_command(uri: str | None) -> str:
-    return f"mlflow ui --backend-store-uri {uri or 'sqlite:///mlflow.db'}"
 
 
 def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:

@@ -90,7 +90,7 @@ def run_sweep(plan: SweepPlan) -> None:
     from aopd_cli.interrupts import Interrupted
     from aopd_cli.pipeline import run_pipeline
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import find_runs, resume_run, start_run
+    from aopd_cli.tracking import find_runs, resume_run, runs_link, start_run, table_columns
 
     console = Console()
     experiment, uri = plan.tracking.experiment, plan.tracking.uri
@@ -122,4 +122,13 @@ def run_sweep(plan: SweepPlan) -> None:
                       "(finished runs are skipped, the interrupted one continues from its checkpoint)")
         raise
     parent.close("FINISHED")
-    console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`")
+    if parent.run_id is None:
+        console.print(f"[bold green]sweep {plan.sweep_id} done[/]")
+        return
+    targets = [c.target for c in plan.children]
+    configs = [config for t in targets for config in (t.configs.values() if plan.stage == "pipeline" else [t])]
+    link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
+                     f"tags.sweep_id = '{plan.sweep_id}' and tags.stage != 'pipeline'")  # every stage of every child
+    # soft_wrap: a command cut across lines cannot be pasted
+    console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`; "
+                  f"see the runs with {link}", soft_wrap=True, highlight=False)

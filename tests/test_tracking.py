@@ -47,12 +47,13 @@ def artifact(tmp_path):
     return path
 
 
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    """A real `mlflow server` on loopback (SQLite backend), answering when this returns."""
+def start_server(folder: Path, port: int, store: str | None = None, command: str = "server") -> subprocess.Popen:
+    """A real `mlflow server` (or `mlflow ui`) on loopback (SQLite backend), answering when this returns."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "art"),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder, start_new_session=True)
+        [sys.executable, "-m", "mlflow", command, "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", store or f"sqlite:///{folder}/server.db", "--artifacts-destination",
+         str(folder / "art"), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder,
+        start_new_session=True)
     deadline = time.time() + 90
     while True:
         try:

@@ -58,6 +58,7 @@ class Session:
     name: str  # the run's name (the stage's name in a pipeline)
     resume_from: Path | None = None  # a step_N folder, or the final checkpoint (training done)
     start_step: int = 0  # steps done; -1: training finished, only what follows it is left
+    parent_run_id: str | None = None  # a pipeline's or sweep's run, which says how to see the runs at its end
 
 
 # ---------------------------------------------------------------- identity, records
@@ -212,7 +213,7 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
                 total = getattr(getattr(config, "train", None), "steps", 0)
                 say(f"resuming {run_name or config.stage} from step {total if step < 0 else step} of {total} "
                     f"({resume_from})")
-            yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step)
+            yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step, parent_run_id)
 
 
 def log_dataset(session: Session, context: str, source: str, records: list) -> None:
@@ -231,6 +232,12 @@ def finish(session: Session, result) -> None:
                                                              "run_id": session.tracker.run_id}))
         say(f"{session.config.stage} done: {session.out_dir}"
             + (f" (MLflow run {session.tracker.run_id})" if session.tracker.run_id else ""))
+        if session.tracker.run_id and session.parent_run_id is None:
+            from aopd_cli.tracking import runs_link, table_columns
+
+            link = runs_link(session.config.tracking, table_columns([session.config]),
+                             f"tags.stage = '{session.config.stage}'")
+            say(f"see the runs with {link}")
 
 
 # ---------------------------------------------------------------- batches
