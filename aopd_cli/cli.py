@@ -12,31 +12,54 @@ from typing import Optional
 
 import typer
 
+
+def _epilog(groups: str, keys: str, *examples: str) -> str:
+    """The help's closing part: the groups and main keys a command takes, and examples to copy."""
+    lines = [f"Groups: {groups}" if groups else "", f"Main keys: {keys}", "", "Examples:"]
+    lines += [f"  {example}" for example in examples]
+    lines += ["", "Options of a group: aopd ls GROUP. Every key with its default and range: aopd ls STAGE."]
+    return "\n".join(line for i, line in enumerate(lines) if line or i > 1)
+
+
 app = typer.Typer(
     name="aopd",
     help="Asymmetric On-Policy Distillation and its baselines: warm-up, distillation, continual learning, "
     "evaluation, sweeps. Overrides use Hydra's grammar: key=value (objective=gkd, objective.tau=0.5).",
+    epilog="Start here: aopd pipeline (the CPU lab, about 10 minutes), aopd ls (experiments and recipe options), "
+    "aopd show pipeline experiment=NAME (what would run), aopd compare (the results).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 
 OVERRIDES = typer.Argument(None, help="Hydra-style overrides, e.g. objective=aopd objective.tau=0.5 train.steps=90")
+NPROC = typer.Option(1, "--nproc-per-node", min=1,
+                     help="run under torchrun with this many processes (GPUs) on this node; FSDP2 shards the model")
+STAGE_KEYS = "student.path, data.source, data.limit, train.steps, train.lr, train.batch_size, " \
+    "train.micro_batch_size, eval.n, eval.k, seed, output_dir, resume, tracking.experiment"
+DISTILL_KEYS = "objective.tau, objective.beta, objective.top_k, teacher.path, rollout.n, " \
+    "rollout.max_new_tokens, " + STAGE_KEYS
 
 
 @contextmanager
 def refusals():
-    """A refused configuration exits 2, a user error 1: one line on stderr, no traceback."""
+    """A refused configuration exits 2, a user error 1, a signal 128 + its number: one line on stderr, no
+    traceback (under torchrun, the line names the rank)."""
+    import os
+
     from aopd_cli.errors import ConfigError, UserError
+    from aopd_cli.interrupts import Interrupted
 
     try:
         yield
-    except (ConfigError, UserError) as err:
+    except (ConfigError, UserError, Interrupted) as err:
         from rich.console import Console
         from rich.markup import escape
 
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {escape(str(err))}", highlight=False)
-        raise typer.Exit(2 if isinstance(err, ConfigError) else 1) from None
+        where = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]aopd:[/] {where}{escape(str(err))}", highlight=False)
+        code = err.exit_code if isinstance(err, Interrupted) else 2 if isinstance(err, ConfigError) else 1
+        raise typer.Exit(code) from None
 
 
 def _load(stage: str, overrides: list[str] | None):
@@ -45,50 +68,97 @@ def _load(stage: str, overrides: list[str] | None):
     return load_stage_config(stage, list(overrides or []))
 
 
-def _run(stage: str, overrides: list[str] | None) -> None:
+def _relaunch(command: str, overrides: list[str] | None, nproc: int) -> None:
+    """Start the same command under torchrun (once the config was checked here)."""
+    from aopd_cli.distributed import launched_by_torchrun, relaunch_under_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        relaunch_under_torchrun(nproc, [command, *(overrides or [])])
+
+
+def _run(stage: str, overrides: list[str] | None, nproc: int = 1) -> None:
     with refusals():
         config = _load(stage, overrides)
+        _relaunch(stage, overrides, nproc)
+        from aopd_cli import distributed
         from aopd_cli.stages import run_stage
 
-        run_stage(config)
+        try:
+            run_stage(config)
+        finally:
+            distributed.shutdown()
 
 
-@app.command()
-def warmup(overrides: Optional[list[str]] = OVERRIDES) -> None:
+@app.command(epilog=_epilog(
+    "student (lab_student, qwen3_4b_base, ...), data (lab_math, openthoughts, ...), eval (lab, paper, ...)",
+    "tool_data.source, reuse_cached, train.max_seq_len, train.activation_checkpointing, " + STAGE_KEYS,
+    "aopd warmup train.steps=200",
+    "aopd warmup student=qwen3_4b_base data=openthoughts train.lr=1e-5 --nproc-per-node 8"))
+def warmup(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """SFT a base student on reasoning traces (OpenThoughts format)."""
-    _run("warmup", overrides)
+    _run("warmup", overrides, nproc_per_node)
 
 
-@app.command()
-def distill(overrides: Optional[list[str]] = OVERRIDES) -> None:
+@app.command(epilog=_epilog(
+    "student, teacher, data, objective (aopd, opd, gkd, seqkd, exopd), rollout (hf, vllm), eval",
+    DISTILL_KEYS,
+    "aopd distill objective=aopd objective.tau=0.2 train.steps=50",
+    "aopd distill objective=gkd objective.beta=0.5 data.source=./prompts.jsonl --nproc-per-node 2"))
+def distill(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """On-policy distillation from a teacher: objective=aopd|opd|gkd|seqkd|exopd."""
-    _run("distill", overrides)
+    _run("distill", overrides, nproc_per_node)
 
 
-@app.command()
-def continual(overrides: Optional[list[str]] = OVERRIDES) -> None:
+@app.command(epilog=_epilog(
+    "student, teacher, data (lab_tools, toolalpaca), objective, rollout, eval (lab, paper_tools)",
+    DISTILL_KEYS,
+    "aopd continual objective=aopd student.path=outputs/lab/aopd/checkpoint",
+    "aopd continual objective=opd data=toolalpaca eval=paper_tools"))
+def continual(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """Keep distilling on tool-use data (ToolAlpaca) and measure the math ability kept."""
-    _run("continual", overrides)
+    _run("continual", overrides, nproc_per_node)
 
 
-@app.command("eval")
+@app.command("eval", epilog=_epilog(
+    "student, rollout (hf, vllm), eval (lab, paper, paper_tools)",
+    "student.path, eval.benchmarks, eval.tool_benchmarks, eval.n, eval.k, eval.max_new_tokens, eval.limit, "
+    "eval.temperature, seed, output_dir",
+    "aopd eval student.path=outputs/lab/aopd/checkpoint eval.n=8",
+    "aopd eval student.path=Qwen/Qwen3-8B eval=paper rollout=vllm"))
 def evaluate(overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Pass@k on AIME24/AIME25/HMMT25 (or the lab), success rate on ToolAlpaca."""
     _run("eval", overrides)
 
 
-@app.command()
-def pipeline(overrides: Optional[list[str]] = OVERRIDES) -> None:
+@app.command(epilog=_epilog(
+    "experiment (aopd ls experiments), and every group of its stages",
+    "experiment=NAME, output_dir=DIR (root of the stage folders), STAGE.key=value (one stage), "
+    "key=value (every stage that has the key)",
+    "aopd pipeline experiment=lab_smoke",
+    "aopd pipeline experiment=paper_8b_3k --nproc-per-node 8"))
+def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
     """Run an experiment's stages in order (experiment=NAME; default: the CPU lab).
 
-    An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage."""
+    An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage.
+    Rerunning the same command skips the stages that finished and resumes the interrupted one."""
+    from aopd_cli import distributed
     from aopd_cli.pipeline import plan_pipeline, run_pipeline
 
     with refusals():
-        run_pipeline(plan_pipeline(list(overrides or [])))
+        plan = plan_pipeline(list(overrides or []))
+        _relaunch("pipeline", overrides, nproc_per_node)
+        try:
+            run_pipeline(plan)
+        finally:
+            distributed.shutdown()
 
 
-@app.command()
+@app.command(epilog=_epilog(
+    "those of STAGE (or of the experiment's stages)",
+    "--param KEY=VALUES (tau, beta, top_k, intervention, zero_eps, lam, lmbda mean objective.KEY; "
+    "any dotted key), --seeds N, then STAGE's own overrides",
+    "aopd sweep distill --param tau=-1,0,1 --param beta=0.5,1 --seeds 3",
+    "aopd sweep pipeline experiment=ablation_tau --seeds 3"))
 def sweep(
     stage: str = typer.Argument(..., help="warmup, distill, continual, eval or pipeline"),
     param: list[str] = typer.Option([], "--param", help="KEY=VALUES, e.g. tau=-1,0,1 or objective.beta=range(0,1,0.5)"),
@@ -102,19 +172,28 @@ def sweep(
         run_sweep(plan_sweep(stage, list(param), seeds, list(overrides or [])))
 
 
-@app.command()
+@app.command(epilog=_epilog(
+    "", "--parent RUN (a sweep's or pipeline's runs), --all (every run of the experiment), --metric KEY "
+    "(the terminal table's columns; CSV and Markdown have every final metric). Runs are grouped by their "
+    "whole config less the seed and the output folders; by default only the latest sweep or pipeline counts",
+    "aopd compare",
+    "aopd compare --all --metric eval/math_avg/pass_at_1 --out outputs/all"))
 def compare(
     experiment: str = typer.Option("aopd", "--experiment", help="MLflow experiment name"),
-    parent: Optional[str] = typer.Option(None, "--parent", help="only the children of this parent run"),
-    metric: list[str] = typer.Option([], "--metric", help="metrics for the table (default: eval pass@k)"),
+    parent: Optional[str] = typer.Option(None, "--parent", help="only the runs under this parent run"),
+    metric: list[str] = typer.Option([], "--metric", help="columns of the terminal table (default: math Pass@1, "
+                                     "Pass@k, tool success, math change through continual learning)"),
     out: str = typer.Option("outputs/compare", "--out", help="where CSV, Markdown and PNG plots go"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: ./mlflow.db)"),
+    every: bool = typer.Option(False, "--all", help="every finished run of the experiment (default: the runs "
+                               "of the latest sweep or pipeline)"),
 ) -> None:
-    """Table and plots across runs (MLflow is the store)."""
+    """Table and plots across runs (MLflow is the store): mean ± std over the seeds of each configuration."""
     from aopd_cli.compare import run_compare
 
     with refusals():
-        run_compare(experiment=experiment, parent=parent, metrics=list(metric), out_dir=out, tracking_uri=tracking_uri)
+        run_compare(experiment=experiment, parent=parent, metrics=list(metric), out_dir=out, tracking_uri=tracking_uri,
+                    every=every)
 
 
 @app.command()
@@ -135,21 +214,74 @@ def report(
         typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(epilog=_epilog(
+    "those of STAGE (aopd ls STAGE), or an experiment's (aopd ls experiments)",
+    "the stage's own overrides; for a pipeline, experiment=NAME and STAGE.key=value. Local inputs are "
+    "checked first: a missing data file, benchmark file or checkpoint exits 2, unless an earlier stage of "
+    "the same pipeline writes it",
+    "aopd show distill objective=gkd objective.beta=0.5",
+    "aopd show pipeline experiment=paper_8b_3k --full"))
 def show(
     stage: str = typer.Argument(..., help="warmup, distill, continual, eval, or pipeline"),
     overrides: Optional[list[str]] = OVERRIDES,
+    full: bool = typer.Option(False, "--full", help="every key as YAML (default: a summary)"),
 ) -> None:
-    """Print the resolved, validated config as YAML."""
+    """The resolved, validated config: a summary (per stage for a pipeline), --full for the YAML."""
     with refusals():
         if stage == "pipeline":
-            from aopd_cli.pipeline import plan_pipeline, plan_yaml
+            from aopd_cli.pipeline import plan_pipeline
+            from aopd_cli.summary import show_pipeline
 
-            sys.stdout.write(plan_yaml(plan_pipeline(list(overrides or []))))
+            sys.stdout.write(show_pipeline(plan_pipeline(list(overrides or [])), full))
             return
-        from aopd_cli.config.compose import to_yaml
+        from aopd_cli.summary import show_stage
 
-        sys.stdout.write(to_yaml(_load(stage, overrides)))
+        sys.stdout.write(show_stage(_load(stage, overrides), stage, full))
+
+
+@app.command("ls", epilog=_epilog(
+    "", "GROUP: student, teacher, data, objective, rollout, eval; a stage (warmup, distill, continual, eval); "
+    "experiments",
+    "aopd ls",
+    "aopd ls objective"))
+def list_options(group: Optional[str] = typer.Argument(None, help="a recipe group, a stage, or experiments")) -> None:
+    """Experiments and recipe options; with GROUP, each option's keys, values, types and ranges."""
+    from aopd_cli.discover import list_all, list_group
+
+    with refusals():
+        sys.stdout.write(list_group(group) if group else list_all())
+
+
+@app.command()
+def plan(
+    overrides: Optional[list[str]] = OVERRIDES,
+    gpus: int = typer.Option(8, "--gpus", min=1, help="GPUs the stages run on (the FSDP2 world size)"),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", min=1.0, help="memory of one GPU, GiB"),
+) -> None:
+    """Estimated peak memory per GPU of each stage of an experiment: does it fit, and what to change."""
+    from aopd_cli.pipeline import plan_pipeline
+    from aopd_cli.plan import plan_experiment, render
+
+    with refusals():
+        stages = plan_experiment(plan_pipeline(list(overrides or [])), gpus, gpu_memory)
+        sys.stdout.write(render(stages, gpus, gpu_memory))
+
+
+@app.command()
+def sync(
+    output_dir: str = typer.Argument(..., help="a stage's output folder holding tracking_backlog.jsonl"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the run's)"),
+) -> None:
+    """Send what a run could not send to MLflow while the tracking store was away."""
+    import json
+    from pathlib import Path
+
+    from aopd_cli.tracking import sync as send
+
+    with refusals():
+        record = Path(output_dir) / "aopd_run.json"
+        uri = tracking_uri or (json.loads(record.read_text()).get("tracking_uri") if record.is_file() else None)
+        print(f"aopd: sent {send(Path(output_dir), uri)} queued record(s) from {output_dir}")
 
 
 if __name__ == "__main__":

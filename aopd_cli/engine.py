@@ -1,9 +1,9 @@
-"""The training engine: model loading, compatibility checks, optimizer and schedule, the update step with
-gradient accumulation, and atomic checkpoints.
+"""The training engine: model loading (sharded with FSDP2 under torchrun), compatibility checks,
+optimizer and schedule, and the update step with gradient accumulation and data parallelism.
 
 A `Policy` is a model with its tokenizer and stop tokens. Students are trained through `student_head`,
-which runs the decoder once and hands the objective an `LMHead` (logits are computed chunk by chunk
-inside the loss, never as a whole [B, T, V] tensor).
+which runs the model's forward once (so FSDP2 gathers and frees its shards as usual) and hands the
+objective an `LMHead`: logits are computed chunk by chunk inside the loss, never as a [B, T, V] tensor.
 
     python -m pytest tests/test_engine.py -q
 """
@@ -14,19 +14,16 @@ import math
 import os
 import random
 import re
-import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from aopd_cli import distributed as dist
 from aopd_cli.errors import UserError
 from aopd_cli.lm_head import LMHead
 from aopd_cli.objectives import ObjectiveOutput, TeacherTopK
-
-STATE_FILE = "training_state.pt"
-CONFIG_FILE = "aopd_config.yaml"  # the resolved config, in a checkpoint and in a stage's output folder
 
 
 @dataclass
@@ -35,6 +32,7 @@ class Policy:
     tokenizer: object
     stop_ids: set[int]
     device: torch.device
+    compute_dtype: torch.dtype = torch.float32  # what forwards run in (bf16 on GPUs; fp32 master weights)
 
 
 @dataclass
@@ -46,6 +44,7 @@ class MicroBatch:
     teacher: TeacherTopK | None = None
     base_logprobs_BT: torch.Tensor | None = None
     correct_B: torch.Tensor | None = None
+    rows_B: torch.Tensor | None = None  # which rows of the step's batch these are (micro-batches may reorder)
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -58,7 +57,7 @@ class MicroBatch:
 
         return MicroBatch(self.ids_BL.to(device), self.attn_BL.to(device), self.first_target, self.mask_BT.to(device),
                           self.teacher.to(device) if self.teacher is not None else None,
-                          move(self.base_logprobs_BT), move(self.correct_B))
+                          move(self.base_logprobs_BT), move(self.correct_B), self.rows_B)
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +77,7 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "float32" or (name == "auto" and device.type == "cpu"):
         return torch.float32
     if name == "bfloat16" or torch.cuda.is_bf16_supported():
@@ -86,21 +85,17 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _is_local(path: str) -> bool:
-    """A path that exists, or that cannot be a hub id ("org/name")."""
-    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or \
-        not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path)
-
-
-def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int = 0) -> Policy:
-    """A model and tokenizer from `cfg.path` (local folder or hub id) or a fresh lab model (`cfg.arch`)."""
+def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int = 0, trainable: bool = False,
+                activation_checkpointing: bool = False) -> Policy:
+    """A model and tokenizer from `cfg.path` (local folder or hub id) or a fresh lab model (`cfg.arch`),
+    sharded across ranks when a process group runs (trainable: fp32 master weights, bf16 compute on GPUs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     device = device or pick_device()
-    dtype = _dtype(cfg.dtype, device)
+    dtype = compute_dtype(cfg.dtype, device)
     if cfg.arch is not None:
         from aopd_cli.data.lab import ensure_lab
 
@@ -108,17 +103,24 @@ def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int
         model = _fresh_lab_model(cfg.arch, tokenizer, seed).to(dtype)
     else:
         path = cfg.path
-        if _is_local(path) and not (Path(path).expanduser() / "config.json").is_file():
+        from aopd_cli.config.paths import names_a_path
+
+        if names_a_path(path) and not (Path(path).expanduser() / "config.json").is_file():
             raise UserError(f"{role}.path: no checkpoint at {path!r} (expected a folder with config.json; "
                             "run the stage that makes it, e.g. `aopd pipeline`, or give a hub id)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trainable else dtype,
+                                                         trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"{role}.path: cannot load {path!r}: {str(err)[:300]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return Policy(model.to(device), tokenizer, stop_token_ids(tokenizer), device)
+    if not trainable:
+        model.requires_grad_(False)
+    model = dist.shard(model, trainable=trainable, compute_dtype=dtype,
+                       activation_checkpointing=activation_checkpointing)
+    return Policy(model.to(device), tokenizer, stop_token_ids(tokenizer), device, dtype)
 
 
 def _fresh_lab_model(arch, tokenizer, seed: int):
@@ -161,24 +163,39 @@ def check_compatible(student: Policy, other: Policy, role: str) -> None:
                         + ". Teacher and student must share the tokenizer and vocabulary.")
 
 
-def _decoder_hidden(model, ids_BL, attn_BL) -> torch.Tensor:
+def forward_hidden(model, ids_BL, attn_BL) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states [B, L, H], output-layer weight [V, H]) from one forward of the whole model.
+
+    The model's own forward is what FSDP2 hooks (gather the shards, free them, reduce the gradients), so
+    it runs, asking for no logits; hooks catch the decoder's output and the output layer's weight as the
+    forward sees it (gathered, in the compute dtype)."""
     # left padding: positions count real tokens only, as in generation
     position_ids_BL = (attn_BL.long().cumsum(-1) - 1).clamp_min(0)
+    caught = {}
     decoder = getattr(model, model.base_model_prefix)
-    return decoder(input_ids=ids_BL, attention_mask=attn_BL, position_ids=position_ids_BL).last_hidden_state
+    hooks = [decoder.register_forward_hook(lambda module, args, out: caught.update(hidden=out.last_hidden_state)),
+             model.get_output_embeddings().register_forward_hook(
+                 lambda module, args, out: caught.update(weight=module.weight))]
+    try:
+        model(input_ids=ids_BL, attention_mask=attn_BL, position_ids=position_ids_BL, use_cache=False,
+              logits_to_keep=torch.zeros(0, dtype=torch.long, device=ids_BL.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return caught["hidden"], caught["weight"]
 
 
 def student_head(model, micro: MicroBatch, chunk_size: int = 1024) -> LMHead:
-    """The decoder run once on a micro-batch (already on the model's device) and its output layer."""
-    hidden_BLH = _decoder_hidden(model, micro.ids_BL, micro.attn_BL)
-    return LMHead(hidden_BLH[:, micro.first_target - 1:-1], model.get_output_embeddings().weight, chunk_size)
+    """The forward on a micro-batch (already on the model's device) and its output layer, for the loss."""
+    hidden_BLH, weight_VH = forward_hidden(model, micro.ids_BL, micro.attn_BL)
+    return LMHead(hidden_BLH[:, micro.first_target - 1:-1], weight_VH, chunk_size)
 
 
 @torch.no_grad()
-def target_hidden(model, micro: MicroBatch) -> torch.Tensor:
-    """Last hidden states [B, T, H] at the positions that predict the targets (scorers only)."""
-    hidden_BLH = _decoder_hidden(model, micro.ids_BL, micro.attn_BL)
-    return hidden_BLH[:, micro.first_target - 1:-1]
+def target_hidden(model, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [B, T, H] at the positions that predict the targets, and the output weight (scorers)."""
+    hidden_BLH, weight_VH = forward_hidden(model, micro.ids_BL, micro.attn_BL)
+    return hidden_BLH[:, micro.first_target - 1:-1], weight_VH
 
 
 def make_optimizer(model, train):
@@ -196,54 +213,53 @@ def make_optimizer(model, train):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass
+class StepResult:
+    loss: float  # the whole (global) batch's loss
+    grad_norm: float  # before clipping
+    metrics: dict[str, float]  # token-weighted over the global batch
+    stepped: bool  # False: a non-finite loss or gradient norm, the optimizer step was skipped
+
+
 def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch],
            loss_fn: Callable[[object, MicroBatch, int], ObjectiveOutput], normalizer: int,
-           grad_clip: float) -> tuple[float, float, dict[str, float]]:
-    """One optimizer step over micro-batches; their losses add up to the loss of the whole batch because
-    each is normalised by the whole batch's `normalizer`. Returns (loss, grad norm, token-weighted metrics)."""
-    policy.model.train()
+           grad_clip: float) -> StepResult:
+    """One optimizer step over this rank's micro-batches. Each micro-batch loss is divided by the global
+    batch's `normalizer`, so losses and gradients add up (over micro-batches and ranks) to those of the
+    whole batch: the step is the same at any micro-batch size and world size. A non-finite loss or
+    gradient norm skips the step and leaves the weights as they were."""
+    model = policy.model
+    model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_loss, metric_sums, total_tokens = 0.0, {}, 0
+    # FSDP2 needs the same number of forwards and backwards on every rank: pad with empty micro-batches
+    count = int(dist.all_reduce([len(micro_batches)], "max")[0])
+    micro_batches = list(micro_batches) + [_empty(micro_batches[0])] * (count - len(micro_batches))
+    total_loss, total_tokens, metric_sums = 0.0, 0, {}
+    # FSDP2 averages gradients over ranks, but each rank's loss is already a share of the global loss
+    # (divided by the global normaliser): scaling by the world size makes the average the sum
+    scale = dist.world_size() if dist.is_sharded(model) else 1
     for micro in micro_batches:
         micro = micro.to(policy.device)
-        output = loss_fn(student_head(policy.model, micro), micro, normalizer)
-        output.loss.backward()
+        output = loss_fn(student_head(model, micro), micro, normalizer)
+        (output.loss * scale).backward()
         total_loss += float(output.loss.detach())
         tokens = int(micro.mask_BT.sum())
         total_tokens += tokens
         for key, value in output.metrics.items():
             metric_sums[key] = metric_sums.get(key, 0.0) + value * tokens
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.model.parameters(), grad_clip))
+    keys = sorted(metric_sums)
+    reduced = dist.all_reduce([total_loss, total_tokens] + [metric_sums[k] for k in keys])
+    total_loss, total_tokens = reduced[0], reduced[1]
+    metrics = {key: value / max(total_tokens, 1) for key, value in zip(keys, reduced[2:])}
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(total_loss, grad_norm, metrics, stepped=False)
     optimizer.step()
     scheduler.step()
-    metrics = {key: value / max(total_tokens, 1) for key, value in metric_sums.items()}
-    return total_loss, grad_norm, metrics
+    return StepResult(total_loss, grad_norm, metrics, stepped=True)
 
 
-def save_checkpoint(policy: Policy, directory: Path, *, config_yaml: str, optimizer=None, scheduler=None,
-                    step: int = 0) -> Path:
-    """Weights (safetensors), tokenizer, resolved config and training state, written to a temporary folder
-    and renamed into place: a crash never leaves a half checkpoint at `directory`."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    policy.model.save_pretrained(staging, safe_serialization=True)
-    policy.tokenizer.save_pretrained(staging)
-    (staging / CONFIG_FILE).write_text(config_yaml)
-    state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    torch.save(state, staging / STATE_FILE)
-    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-    if directory.exists():
-        directory.rename(old)
-    staging.rename(directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
-
-
-def load_training_state(directory: Path) -> dict:
-    return torch.load(Path(directory) / STATE_FILE, weights_only=True)
+def _empty(micro: MicroBatch) -> MicroBatch:
+    return replace(micro, mask_BT=torch.zeros_like(micro.mask_BT))

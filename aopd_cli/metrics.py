@@ -4,7 +4,9 @@
   `.../first_call`: evaluations (at a training step, or the eval stage's step 0); `eval/<benchmark>/greedy`:
   accuracy (math) or success (tools) of greedy decoding, where `eval.greedy` asks for it;
 - `retention/math_pass_at_<k>_{before,after,change}`: the continual stage's math around it (Table 2);
-- `train/<name>`: per optimizer step; `time/<name>_s`: wall seconds of a phase.
+- `train/<name>`: per optimizer step; `time/<name>_s`: wall seconds of a phase;
+- `rollout/<name>`: the rollout engine against the trainer (`rollout/logprob_diff_max`, `_mean`: |the
+  engine's log-prob of a sampled token - the trainer's|, over a step's samples).
 
     python -c "from aopd_cli import metrics; print(metrics.parse_eval(metrics.pass_at('aime24', 4)))"
 """
@@ -66,6 +68,10 @@ def parse_retention(key: str) -> tuple[int, Retention] | None:
 
 def train(name: str) -> str:
     return f"train/{name}"
+
+
+def rollout(name: str) -> str:
+    return f"rollout/{name}"
 
 
 def seconds(name: str) -> str:

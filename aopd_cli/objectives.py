@@ -53,6 +53,7 @@ class ObjectiveOutput:
     loss: torch.Tensor  # 0-dim
     metrics: dict[str, float]
     advantages: torch.Tensor | None = None  # [N] detached K1 advantages of the counted tokens (histograms)
+    token_logprobs: torch.Tensor | None = None  # [N] detached log P_S(y_t) of the counted tokens (engine drift)
 
 
 @dataclass(frozen=True)
@@ -175,9 +176,11 @@ def opd_loss(student, tokens, mask, teacher: TeacherTopK, *, reduction: Reductio
     """On-policy distillation: -sg[log P_T(y_t) - log P_S(y_t)] * log P_S(y_t)."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
     teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
-    adv_N = teacher_token_logp_N - view.token_logp_N.detach()
+    student_token_logp_N = view.token_logp_N.detach()
+    adv_N = teacher_token_logp_N - student_token_logp_N
     loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
-    return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps), adv_N)
+    return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps), adv_N,
+                           student_token_logp_N)
 
 
 def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, beta: float = 1.0,
@@ -206,7 +209,7 @@ def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, 
     loss_N = torch.where(gate_N, guidance_N, -adv_N * view.token_logp_N)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     metrics["intervention_ratio"] = float(gate_N.float().mean()) if gate_N.numel() else 0.0
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N)
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N, student_token_logp_N)
 
 
 def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, support: Support = "raw",
@@ -218,7 +221,7 @@ def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, 
     loss_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     adv_N = teacher_token_logp_N - view.token_logp_N.detach()
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N)
+    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N, view.token_logp_N.detach())
 
 
 def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: torch.Tensor, lam: float = 1.25,
@@ -232,7 +235,7 @@ def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: to
     loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     metrics["exadv_mean"] = float(adv_N.mean()) if adv_N.numel() else 0.0
-    return ObjectiveOutput(loss, metrics, teacher_token_logp_N - view.token_logp_N.detach())
+    return ObjectiveOutput(loss, metrics, teacher_token_logp_N - view.token_logp_N.detach(), view.token_logp_N.detach())
 
 
 def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-mean",
@@ -242,7 +245,7 @@ def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-
     loss = _reduce(-view.token_logp_N, mask, reduction, normalizer)
     metrics = _diagnostics(view, None, None, 0.0)
     metrics["nll"] = float(-view.token_logp_N.detach().mean()) if view.token_logp_N.numel() else 0.0
-    return ObjectiveOutput(loss, metrics)
+    return ObjectiveOutput(loss, metrics, token_logprobs=view.token_logp_N.detach())
 
 
 # ---------------------------------------------------------------- what each objective needs

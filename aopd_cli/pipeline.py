@@ -11,8 +11,10 @@ stage's config is composed and validated before the first stage starts. Command-
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aopd_cli.config.compose import (ConfigError, UnknownKey, UnknownOption, compose_dict, load_experiment,
@@ -26,18 +28,17 @@ class Plan:
     experiment: Experiment
     configs: dict[str, object]  # stage name -> validated config
     root: Path
-    extra_tags: dict[str, str]
+    extra_tags: dict[str, str]  # on every run (a sweep's values)
+    stage_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # an eval stage: what it evaluates
+    label: str = ""  # swept values and seed, for run names ("tau=0.2 seed=1")
 
 
-def _checkpoint_of(config) -> Path:
-    if config.stage == "warmup" and config.reuse_cached:
-        from aopd_cli.stages.warmup import cached_checkpoint
-
-        return cached_checkpoint(config)
+def checkpoint_of(config) -> Path:
+    """Where a stage leaves its checkpoint: its own folder (a reused warm-up is a link to the cache there)."""
     return Path(config.output_dir) / "checkpoint"
 
 
-def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None) -> Plan:
+def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None, label: str = "") -> Plan:
     pairs = []
     for override in overrides:
         key, sep, value = override.partition("=")
@@ -46,6 +47,7 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         pairs.append((key, value, override))
     experiment = load_experiment(next((v for k, v, _ in pairs if k == "experiment"), "lab"))
     names = [s.name for s in experiment.stages]
+    stages = {s.name: s.stage for s in experiment.stages}
     root, targeted, shared = None, {}, []
     for key, value, override in pairs:
         head, _, rest = key.partition(".")
@@ -53,12 +55,15 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
             continue
         if key == "output_dir":
             root = value
-        elif rest and head in names:
+        # a stage named like a config group (the lab's `teacher`) takes `teacher.key=...` only if it has the
+        # key; else the override is the group's, for every stage (`teacher.engine=server`)
+        elif rest and head in names and (head not in SHARED_GROUPS or _accepts(stages[head], [], f"{rest}={value}")):
             targeted.setdefault(head, []).append(f"{rest}={value}")
         else:
             shared.append(override)
     root_dir = Path(root or f"outputs/{experiment.name}")
     configs: dict[str, object] = {}
+    stage_tags: dict[str, dict[str, str]] = {}
     used = {o: False for o in shared}
     for stage in experiment.stages:
         # precedence, lowest first: the experiment's shared overrides, the stage's own, the command line's
@@ -70,10 +75,17 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
                 used[o] = True
                 composed.append(o)
         configs[stage.name] = load_stage_config(stage.stage, composed + targeted.get(stage.name, []))
+        source = next((o.partition("=@")[2] for o in stage.overrides if o.startswith("student.path=@")), None)
+        if stage.stage == "eval" and source in configs:
+            evaluated = getattr(configs[source], "objective", None)
+            stage_tags[stage.name] = {"evaluates": source, **({"objective": evaluated.name} if evaluated else {})}
     unused = [o for o, ok in used.items() if not ok and o.partition("=")[0] != "seed"]
     if unused:
         raise ConfigError(f"{unused[0]}: no stage of experiment {experiment.name!r} has this key")
-    return Plan(experiment, configs, root_dir, extra_tags or {})
+    return Plan(experiment, configs, root_dir, extra_tags or {}, stage_tags, label)
+
+
+SHARED_GROUPS = {"student", "teacher", "base", "data", "objective", "rollout", "train", "eval", "tracking"}
 
 
 def _resolve(override: str, done: dict, stage_name: str) -> str:
@@ -83,7 +95,7 @@ def _resolve(override: str, done: dict, stage_name: str) -> str:
     source = value[1:]
     if source not in done:
         raise ConfigError(f"stage {stage_name!r}: {override!r} refers to {source!r}, which is not an earlier stage")
-    return f"{key}={_checkpoint_of(done[source])}"
+    return f"{key}={checkpoint_of(done[source])}"
 
 
 def _accepts(stage: str, base: list[str], override: str) -> bool:
@@ -100,30 +112,55 @@ def plan_yaml(plan: Plan) -> str:
 
 
 def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
+    """Every stage in order under one parent run. Rerunning continues: finished stages (same config and
+    inputs) are skipped, an interrupted one resumes, and the parent run is the same."""
     from rich.console import Console
 
+    from aopd_cli import distributed as dist
+    from aopd_cli.progress import say
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import closing, start_run
+    from aopd_cli.stages.common import output_lock
+    from aopd_cli.tracking import NullTracker, closing, resume_run, runs_link, start_run, table_columns
 
+    dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
     console = Console()
     first = next(iter(plan.configs.values()))
-    parent = start_run(first.tracking, run_name=f"pipeline:{plan.experiment.name}",
-                       tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
-                       parent_run_id=parent_run_id)
-    results, timings = {}, {}
-    with closing(parent):
-        for name, config in plan.configs.items():
-            console.rule(f"[bold]{plan.experiment.name}: {name} ({config.stage})")
-            started = time.perf_counter()
-            results[name] = run_stage(config, parent_run_id=parent.run_id, run_name=name, tags=plan.extra_tags)
-            timings[name] = time.perf_counter() - started
-            parent.log_metrics({names.seconds(f"stage_{name}"): timings[name]})
-        report = comparison_report(plan.experiment, results, timings)
-        console.print(report, highlight=False, soft_wrap=True, markup=False)
-        plan.root.mkdir(parents=True, exist_ok=True)
-        (plan.root / "comparison.md").write_text(report)
-        parent.log_artifact(plan.root / "comparison.md")
-        return results
+    record_file = plan.root / "aopd_pipeline.json"
+    name = " ".join(filter(None, [plan.experiment.name, plan.label]))
+    with output_lock(plan.root) if dist.is_main() else nullcontext():
+        parent = NullTracker()
+        if dist.is_main():
+            record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+            if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
+                parent = resume_run(first.tracking, record["run_id"]) or NullTracker()
+            if parent.run_id is None:
+                parent = start_run(first.tracking, run_name=name,
+                                   tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
+                                   parent_run_id=parent_run_id)
+            record_file.write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": first.tracking.uri}))
+        results, timings = {}, {}
+        with closing(parent):
+            for stage_name, config in plan.configs.items():
+                if dist.is_main():
+                    console.rule(f"[bold]{plan.experiment.name}: {stage_name} ({config.stage})")
+                started = time.perf_counter()
+                run_name = " ".join(filter(None, [stage_name, plan.label]))
+                results[stage_name] = run_stage(config, parent_run_id=parent.run_id, run_name=run_name,
+                                                tags={**plan.extra_tags, **plan.stage_tags.get(stage_name, {})})
+                timings[stage_name] = time.perf_counter() - started
+                parent.log_metrics({names.seconds(f"stage_{stage_name}"): timings[stage_name]})
+            report = comparison_report(plan.experiment, results, timings)
+            if dist.is_main():
+                console.print(report, highlight=False, soft_wrap=True, markup=False)
+                (plan.root / "comparison.md").write_text(report)
+                parent.log_artifact(plan.root / "comparison.md")
+                if parent.run_id:
+                    swept = [key.removeprefix("sweep.") for key in plan.extra_tags if key.startswith("sweep.")]
+                    link = runs_link(first.tracking, table_columns(plan.configs.values(), swept),
+                                     f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+                say(f"pipeline {name} done: {plan.root}"
+                    + (f", MLflow run {parent.run_id}; see the runs with {link}" if parent.run_id else ""))
+            return results
 
 
 def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:

@@ -53,6 +53,11 @@ def expand(params: list[str]) -> list[dict[str, str]]:
     return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
+def point_label(values: dict[str, str]) -> str:
+    """`tau=0.2 seed=1`: a grid point as run names show it."""
+    return " ".join(f"{key.removeprefix('objective.')}={value}" for key, value in values.items())
+
+
 def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) -> SweepPlan:
     if stage not in STAGES:
         raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -69,7 +74,8 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
             if stage == "pipeline":
                 from aopd_cli.pipeline import plan_pipeline
 
-                target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags)
+                target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags,
+                                       label=point_label(values))
             else:
                 target = load_stage_config(stage, child_overrides + [f"output_dir={root / child_id}"])
             children.append(Child(child_id, values, tags, target))
@@ -81,15 +87,16 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
 def run_sweep(plan: SweepPlan) -> None:
     from rich.console import Console
 
+    from aopd_cli.interrupts import Interrupted
     from aopd_cli.pipeline import run_pipeline
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import find_runs, run_tracker, start_run
+    from aopd_cli.tracking import find_runs, resume_run, runs_link, start_run, table_columns
 
     console = Console()
     experiment, uri = plan.tracking.experiment, plan.tracking.uri
     parents = find_runs(uri, experiment, f"tags.sweep_parent = '{plan.sweep_id}'")
-    parent = run_tracker(uri, parents[0].info.run_id) if parents else start_run(
-        plan.tracking, run_name=f"sweep:{plan.stage}:{plan.sweep_id}",
+    parent = resume_run(plan.tracking, parents[0].info.run_id) if parents else start_run(
+        plan.tracking, run_name=f"sweep {plan.stage} {plan.sweep_id}",
         tags={"sweep_parent": plan.sweep_id, "stage": "sweep", "sweep_command": plan.command[:5000]})
     finished = {run.data.tags.get("sweep_child") for run in find_runs(
         uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
@@ -98,7 +105,7 @@ def run_sweep(plan: SweepPlan) -> None:
     console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {done} already done")
     try:
         for number, child in enumerate(plan.children, 1):
-            label = " ".join(f"{k}={v}" for k, v in child.values.items())
+            label = point_label(child.values)
             if child.child_id in finished:
                 console.print(f"[{number}/{len(plan.children)}] {label}: done before, skipped")
                 continue
@@ -106,10 +113,22 @@ def run_sweep(plan: SweepPlan) -> None:
             if plan.stage == "pipeline":  # the plan carries the tags to the pipeline run and its stages
                 run_pipeline(child.target, parent_run_id=parent.run_id)
             else:
-                run_stage(child.target, parent_run_id=parent.run_id, tags=child.tags)
-    except KeyboardInterrupt:
+                name = " ".join(filter(None, [plan.stage, getattr(getattr(child.target, "objective", None), "name", ""),
+                                              label]))
+                run_stage(child.target, parent_run_id=parent.run_id, run_name=name, tags=child.tags)
+    except (KeyboardInterrupt, Interrupted):
+        parent.close("KILLED")
         console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
-                      "(finished runs are kept and skipped)")
-        raise SystemExit(130) from None
+                      "(finished runs are skipped, the interrupted one continues from its checkpoint)")
+        raise
     parent.close("FINISHED")
-    console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`")
+    if parent.run_id is None:
+        console.print(f"[bold green]sweep {plan.sweep_id} done[/]")
+        return
+    targets = [c.target for c in plan.children]
+    configs = [config for t in targets for config in (t.configs.values() if plan.stage == "pipeline" else [t])]
+    link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
+                     f"tags.sweep_id = '{plan.sweep_id}' and tags.stage != 'pipeline'")  # every stage of every child
+    # soft_wrap: a command cut across lines cannot be pasted
+    console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`; "
+                  f"see the runs with {link}", soft_wrap=True, highlight=False)

@@ -27,3 +27,16 @@ def lab_tokenizer(lab_cache):
     from aopd_cli.data.lab import lab_dir
 
     return AutoTokenizer.from_pretrained(lab_dir() / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(lab_cache, tmp_path_factory):
+    """A lab student warmed up for a few steps: student and teacher of the resume and distributed tests."""
+    from aopd_cli.config.compose import load_stage_config
+    from aopd_cli.stages import run_stage
+
+    out = tmp_path_factory.mktemp("tiny") / "warmup"
+    config = load_stage_config("warmup", ["student=lab_student", "train.steps=3", "train.batch_size=8",
+                                          "train.micro_batch_size=8", "eval.benchmarks=[]", "tracking.enabled=false",
+                                          f"output_dir={out}"])
+    return run_stage(config)

@@ -3,9 +3,34 @@
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 
 def run_aopd(*args, cwd, cache=None, timeout=900):
     env = {**os.environ, **({"AOPD_CACHE": str(cache)} if cache else {})}
     return subprocess.run([sys.executable, "-m", "aopd_cli.cli", *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=timeout)
+
+
+def start_aopd(*args, cwd, cache=None, log: Path):
+    """`aopd ...` in the background (its own process group), stdout and stderr to `log`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"AOPD_CACHE": str(cache)} if cache else {})}
+    handle = open(log, "w")
+    return subprocess.Popen([sys.executable, "-m", "aopd_cli.cli", *args], cwd=cwd, stdout=handle,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_for(condition, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.2)
+
+
+def distill_args(checkpoint, out, *extra):
+    """A few cheap distillation steps of the tiny lab student against itself."""
+    return ["distill", f"student.path={checkpoint}", f"teacher.path={checkpoint}", "train.batch_size=8",
+            "train.micro_batch_size=4", "objective.top_k=4", "eval.limit=4", "eval.n=2", "eval.k=[1]",
+            "train.eval_every=0", "rollout.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={out}", *extra]

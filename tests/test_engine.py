@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from aopd_cli.config.schema import LabArch, ModelConfig, TrainConfig
-from aopd_cli.engine import (MicroBatch, check_compatible, load_policy, load_training_state, make_optimizer,
-                             save_checkpoint, update)
+from aopd_cli.checkpoints import load_training_state, save_final as save_checkpoint
+from aopd_cli.engine import MicroBatch, check_compatible, load_policy, make_optimizer, update
 from aopd_cli.errors import UserError
 from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.rollout import make_rollout, mask_through_first_stop
@@ -44,7 +44,8 @@ def test_a_killed_save_never_leaves_a_partial_checkpoint_in_place(policy, tmp_pa
     script = textwrap.dedent(f"""
         import os, torch
         from aopd_cli.config.schema import ModelConfig
-        from aopd_cli.engine import load_policy, save_checkpoint
+        from aopd_cli.checkpoints import save_final as save_checkpoint
+        from aopd_cli.engine import load_policy
         policy = load_policy(ModelConfig(path={str(target)!r}), role="student", device=torch.device("cpu"))
         torch.save = lambda *a, **k: os.kill(os.getpid(), 9)  # die in the middle of writing
         save_checkpoint(policy, {str(target)!r}, config_yaml="second\\n", step=2)
@@ -98,7 +99,7 @@ def test_teacher_scorer_returns_full_vocabulary_topk_and_token_logprobs(policy):
 def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
     results = []
     for micro_size in (2, 5):
-        policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0)
+        policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True)
         # lr 0: the step leaves the weights alone, so the accumulated gradients themselves are compared
         optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -108,11 +109,56 @@ def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
         attn = torch.ones_like(ids)
         micro = [MicroBatch(ids[s:s + micro_size], attn[s:s + micro_size], 1, mask[s:s + micro_size])
                  for s in range(0, 5, micro_size)]
-        loss, grad_norm, _ = update(policy, optimizer, scheduler, micro,
-                                    lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
-                                    global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
+        result = update(policy, optimizer, scheduler, micro,
+                        lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
+                        global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
+        loss, grad_norm = result.loss, result.grad_norm
         results.append((loss, grad_norm, [p.grad.clone() for p in policy.model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     for small, large in zip(results[0][2], results[1][2]):
         assert torch.allclose(small, large, rtol=1e-4, atol=1e-7)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(lab_cache):
+    grads = []
+    for checkpointing in (False, True):
+        policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True,
+                             activation_checkpointing=checkpointing)
+        optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 90, (4, 9), generator=gen)
+        mask = torch.rand(4, 8, generator=gen) > 0.3
+        micro = [MicroBatch(ids, torch.ones_like(ids), 1, mask)]
+        update(policy, optimizer, scheduler, micro,
+               lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
+               global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
+        grads.append([p.grad.clone() for p in policy.model.parameters()])
+    for plain, recomputed in zip(*grads):
+        assert torch.allclose(plain, recomputed, atol=1e-6)
+
+
+def test_long_examples_are_truncated_or_dropped_and_counted():
+    from aopd_cli.stages.warmup import fit_length
+
+    examples = [([1] * 5, [True] * 5), ([1] * 12, [True] * 12)]
+    kept, count = fit_length(examples, 8, "truncate")
+    assert count == 1 and [len(ids) for ids, _ in kept] == [5, 8]
+    kept, count = fit_length(examples, 8, "drop")
+    assert count == 1 and [len(ids) for ids, _ in kept] == [5]
+
+
+def test_token_budget_micro_batches_group_similar_lengths_and_trim_padding():
+    from aopd_cli.stages.common import micro_batches
+
+    lengths = [3, 9, 4, 8]
+    ids = torch.zeros(4, 10, dtype=torch.long)
+    attn = torch.zeros(4, 10, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        attn[row, :length] = 1
+    mask = attn[:, 1:].bool()
+    cut = micro_batches(ids, attn, 1, mask, size=8, token_budget=20)
+    assert [m.rows_B.tolist() for m in cut] == [[0, 2], [3, 1]]  # short with short, long with long
+    assert [m.ids_BL.shape[1] for m in cut] == [4, 9]  # each trimmed to its own longest row
+    assert sum(int(m.mask_BT.sum()) for m in cut) == int(mask.sum())

@@ -21,16 +21,17 @@ def runs_by_name(work):
     return client, {r.data.tags["mlflow.runName"]: r for r in runs}
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     work, result = smoke
     assert "Table 1: Pass@1 / Pass@2" in result.stdout and "| SFT ckpt | " in result.stdout and "Table 2: continual learning" in result.stdout
     client, runs = runs_by_name(work)
-    parent = runs["pipeline:lab_smoke"]
+    parent = runs["lab_smoke"]
     stages = {name: run.data.tags["stage"] for name, run in runs.items()}
     assert set(stages.values()) == {"pipeline", "warmup", "distill", "continual", "eval"}
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
-        if name != "pipeline:lab_smoke":
+        if name != "lab_smoke":
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     aopd_run = runs["aopd"]
     assert aopd_run.data.tags["objective"] == "aopd" and aopd_run.data.params["objective.tau"] == "0.0"
@@ -46,6 +47,16 @@ def test_smoke_pipeline_runs_every_stage_under_one_parent(smoke):
     assert (work / "outputs/lab_smoke/comparison.md").is_file()
 
 
+@pytest.mark.slow
+def test_progress_reaches_a_log_file_as_plain_lines(smoke):
+    _, result = smoke  # stdout is a pipe here, as in a cluster log
+    assert "aopd: opd: steps 1-3 of 3" in result.stdout and "aopd: opd step 3/3 loss " in result.stdout
+    assert " it/s eta " in result.stdout and "aopd: opd: done, 3 steps in" in result.stdout
+    assert "━" not in result.stdout.split("Table 1")[0].split("aopd: opd: steps")[1].split("aopd: opd: done")[0]
+    assert "INFO mlflow" not in result.stderr and "Loading weights" not in result.stderr
+
+
+@pytest.mark.slow
 def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
     work, _ = smoke
     result = run_aopd("pipeline", "experiment=lab_smoke", "output_dir=outputs/again", "opd.train.steps=1",
@@ -64,6 +75,7 @@ def test_tracking_overrides_reach_shared_stages_and_the_parent_run(lab_cache):
     assert plan.configs["teacher"].seed == 0 and plan.configs["aopd"].seed == 3  # shared warm-ups keep theirs
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(smoke, lab_cache):
     work, _ = smoke
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
@@ -82,6 +94,7 @@ def test_same_seed_gives_identical_metrics(smoke, lab_cache):
     assert len(histories) == 2 and histories[0] == histories[1]
 
 
+@pytest.mark.slow
 def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cache, tmp_path):
     work, _ = smoke
     import torch
@@ -105,9 +118,10 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
     del torch
 
 
+@pytest.mark.slow
 def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
-    import aopd_cli.stages.distill as distill
     import aopd_cli.stages.onpolicy as onpolicy
+    from aopd_cli.stages import run_stage
     from aopd_cli.config.compose import load_stage_config
     from aopd_cli.rollout import Rollout
 
@@ -125,10 +139,11 @@ def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tm
                                            "train.batch_size=4", "train.micro_batch_size=2", "objective.top_k=4",
                                            "eval.benchmarks=[]", "train.eval_every=0", "tracking.enabled=false",
                                            f"output_dir={tmp_path / 'sync'}"])
-    distill.run_distill(config)
+    run_stage(config)
     assert len(calls) == 3  # once per optimizer step, after it
 
 
+@pytest.mark.slow
 def test_gkd_off_policy_mix_is_refused_without_reference_responses(smoke, lab_cache):
     work, _ = smoke
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))

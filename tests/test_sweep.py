@@ -42,6 +42,7 @@ def swept(tmp_path_factory, lab_cache):
     return work, first, second
 
 
+@pytest.mark.slow
 def test_pipeline_sweep_leaves_one_parent_and_tagged_children(swept):
     work, _, _ = swept
     client = connect(f"sqlite:///{work}/mlflow.db")
@@ -55,12 +56,14 @@ def test_pipeline_sweep_leaves_one_parent_and_tagged_children(swept):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in pipelines)
 
 
+@pytest.mark.slow
 def test_running_the_same_sweep_again_skips_finished_children(swept):
     _, first, second = swept
     assert "2 runs, 0 already done" in first.stdout
     assert "2 runs, 2 already done" in second.stdout and second.stdout.count("skipped") == 2
 
 
+@pytest.mark.slow
 def test_compare_prints_the_table_and_writes_plots(swept, lab_cache):
     work, _, _ = swept
     client = connect(f"sqlite:///{work}/mlflow.db")
@@ -83,6 +86,7 @@ def test_compare_on_an_empty_store_says_what_to_do(tmp_path, lab_cache):
     assert result.returncode == 1 and "run a stage or a sweep first" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_stage_sweep_tags_its_runs_and_compares_by_swept_value(swept, lab_cache):
     work, _, _ = swept
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))

@@ -1,5 +1,7 @@
 """Tracking lands in MLflow: a real `mlflow server` on loopback, and the default SQLite store."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,29 +47,77 @@ def artifact(tmp_path):
     return path
 
 
+def start_server(folder: Path, port: int, store: str | None = None, command: str = "server") -> subprocess.Popen:
+    """A real `mlflow server` (or `mlflow ui`) on loopback (SQLite backend), answering when this returns."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", command, "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", store or f"sqlite:///{folder}/server.db", "--artifacts-destination",
+         str(folder / "art"), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder,
+        start_new_session=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            connect(f"http://127.0.0.1:{port}")
+            return server
+        except (OSError, UserError):
+            if time.time() > deadline or server.poll() is not None:
+                stop_server(server)
+                raise
+            time.sleep(1)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
+    server.wait(30)
+
+
+@pytest.mark.slow
 def test_run_lands_on_a_real_mlflow_server(tmp_path, artifact):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    server = start_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                connect(uri)
-                break
-            except (OSError, UserError):
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
         run_id = exercise(TrackingConfig(uri=uri, experiment="server-test"), artifact)
         check(uri, run_id)
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_server(server)
+
+
+@pytest.mark.slow
+def test_training_goes_on_through_a_tracking_outage(tmp_path, tiny_checkpoint, lab_cache):
+    from helpers import distill_args, start_aopd, wait_for
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    log = tmp_path / "log"
+    process = start_aopd(*distill_args(tiny_checkpoint, "out", "train.steps=14", "train.save_every=4",
+                                       f"tracking.uri={uri}"), cwd=tmp_path, cache=lab_cache, log=log)
+    try:
+        wait_for(lambda: "step 3/14" in log.read_text() or process.poll() is not None, what="step 3")
+        stop_server(server)
+        wait_for(lambda: "does not answer" in log.read_text() or process.poll() is not None, what="the warning")
+        wait_for(lambda: "step 8/14" in log.read_text() or process.poll() is not None, what="step 8")
+        server = start_server(tmp_path, port)
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        stop_server(server)
+    text = log.read_text()
+    assert text.count("does not answer") == 1 and "answers again" in text
+    assert (tmp_path / "out/step_8").is_dir() and not (tmp_path / "out/tracking_backlog.jsonl").exists()
+    server = start_server(tmp_path, port)
+    try:
+        client = connect(uri)
+        run = client.search_runs([client.get_experiment_by_name("aopd").experiment_id])[0]
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in sorted(client.get_metric_history(run.info.run_id, "train/loss"),
+                                       key=lambda m: m.step)] == list(range(1, 15))
+        assert "eval/lab_math/pass_at_1" in run.data.metrics
+    finally:
+        stop_server(server)
 
 
 def test_default_store_is_sqlite_in_the_working_directory(tmp_path, artifact, monkeypatch):

@@ -84,12 +84,13 @@ def _composition_error(stage: str, err, overrides: list[str]) -> ConfigError:
 def sweep_values(key: str, values: str) -> list[str]:
     """Hydra's sweep grammar: `-1,0,1`, `range(0,1,0.25)`, `choice(a,b)`, or one value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from hydra.errors import HydraException
 
     try:
         override = OverridesParser.create().parse_override(f"{key}={values}")
-    except OverrideParseException as err:
-        raise ConfigError(f"--param {key}={values}: {err}") from None
+    except HydraException as err:  # OverrideParseException and the grammar's own errors
+        raise ConfigError(f"--param {key}={values}: not Hydra's sweep grammar ({str(err).splitlines()[0]}); "
+                          "e.g. -1,0,1 or range(0,1,0.25) or choice(a,b)") from None
     return list(override.sweep_string_iterator()) if override.is_sweep_override() else [str(override.value())]
 
 

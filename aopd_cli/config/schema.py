@@ -51,6 +51,32 @@ class ModelConfig(Strict):
         return self
 
 
+class TeacherConfig(ModelConfig):
+    """The teacher: a model like the student's, and how it scores (`engine`)."""
+
+    engine: Literal["hf", "vllm", "server"] = "hf"  # in-process HF, in-process vLLM, or a vLLM server
+    url: str | None = None  # server: a running OpenAI-compatible vLLM server; None: aopd starts one on 127.0.0.1
+    max_model_len: int | None = Field(None, ge=2)  # vllm / a server aopd starts (None: the model's own limit)
+    tensor_parallel_size: int = Field(1, ge=1)  # vllm / a server aopd starts
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)  # vllm / a server aopd starts, on GPUs
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # vllm / a server aopd starts, on CPU
+    request_sequences: int = Field(16, ge=1)  # server: sequences per request
+    max_in_flight: int = Field(4, ge=1)  # server: requests in flight at once
+    timeout_s: float = Field(600.0, gt=0.0)  # server: one request (and each wait for its health)
+    retries: int = Field(3, ge=0)  # server: retries of a failed request, with exponential backoff
+    startup_timeout_s: float = Field(900.0, gt=0.0)  # a server aopd starts: until healthy
+    server_args: list[str] = []  # a server aopd starts: extra arguments (e.g. ["--quantization", "fp8"])
+
+    @model_validator(mode="after")
+    def _engine_needs_path(self):
+        if self.url is not None and self.engine != "server":
+            raise ValueError(f"teacher.url is for teacher.engine=server (got engine={self.engine})")
+        if self.engine != "hf" and self.path is None:
+            raise ValueError(f"teacher.engine={self.engine} needs teacher.path (a checkpoint folder or hub id), "
+                             "not a fresh lab model (arch)")
+        return self
+
+
 class DataConfig(Strict):
     source: str  # a known name (deepmath, openthoughts, toolalpaca, lab_math, ...), a hub id or a local path
     config: str | None = None
@@ -114,7 +140,11 @@ class RolloutConfig(Strict):
     temperature: float = Field(1.0, gt=0.0)
     max_new_tokens: int = Field(64, ge=1)
     tensor_parallel_size: int = Field(1, ge=1)  # vllm
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vllm
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)  # vllm on GPUs: the engine's share of the GPU
+    max_model_len: int | None = Field(None, ge=2)  # vllm: longest prompt + response (None: the model's own limit)
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # vllm on CPU: KV cache memory (GPUs size it by gpu_memory_utilization)
+    sleep: bool = True  # vllm on GPUs: free the engine's memory during updates (sleep mode is CUDA-only)
+    enforce_eager: bool | None = None  # vllm: None = eager on CPU (starts in seconds), CUDA graphs on GPUs
 
 
 class TrainConfig(Strict):
@@ -182,7 +212,7 @@ class DistillConfig(Strict):
 
     stage: Literal["distill", "continual"]
     student: ModelConfig
-    teacher: ModelConfig
+    teacher: TeacherConfig
     base: ModelConfig | None = None  # exopd's P_B; None: the student's starting weights
     data: DataConfig
     objective: Objective
@@ -220,9 +250,19 @@ class PipelineStage(Strict):
     shared: bool = False
 
 
+class Launch(Strict):
+    """Where an experiment is meant to run (`aopd show pipeline` and `aopd plan` say it)."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)  # 0: the CPU (the lab)
+    command: str = ""  # the launch, e.g. aopd pipeline experiment=paper_8b_3k --nproc-per-node 8
+    teacher: str = ""  # where the teacher scores (in-process, sharded; or a vLLM server on its own GPUs)
+
+
 class Experiment(Strict):
     name: str
     description: str = ""
+    launch: Launch = Launch()
     stages: list[PipelineStage]
     overrides: list[str] = []  # for every stage that has the key (like `key=value` on the command line)
     table1: dict[str, str] = {}  # row label -> eval stage (Pass@1 / Pass@4 per benchmark)

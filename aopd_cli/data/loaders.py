@@ -110,12 +110,40 @@ def _load_local(path: Path, config, split) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     if path.is_file():
         builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
         if builder is None:
             raise UserError(f"{path}: expected a .jsonl, .json or .parquet file")
-        return list(datasets.load_dataset(builder, data_files=str(path), split="train"))
+        if path.suffix == ".jsonl":
+            _check_jsonl(path)
+        try:
+            rows = list(datasets.load_dataset(builder, data_files=str(path), split="train"))
+        except Exception as err:  # noqa: BLE001 - a corrupt file: one line naming it
+            cause = err.__cause__ or err
+            raise UserError(f"{path}: cannot read it as {builder} ({type(cause).__name__}: {str(cause)[:200]})") from None
+        if not rows:
+            raise UserError(f"{path}: no rows")
+        return rows
     return _load_hub(str(path), [config], split or "train", cache_dir=_local_cache_dir(path))
+
+
+def _check_jsonl(path: Path) -> None:
+    """One JSON object per line: an empty file or a malformed line is named by its line number."""
+    seen = False
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+            seen = True
+    if not seen:
+        raise UserError(f"{path}: empty (no rows)")
 
 
 def _local_cache_dir(folder: Path) -> str:

@@ -146,6 +146,10 @@ def print_metrics(title: str, metrics: dict[str, float], eval_cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from aopd_cli.distributed import is_main
+
+    if not is_main():
+        return
     table = Table(title=f"{title} (n={eval_cfg.n}, temperature={eval_cfg.temperature}, "
                         f"max_new_tokens={eval_cfg.max_new_tokens}{', greedy too' if eval_cfg.greedy else ''})")
     table.add_column("metric")

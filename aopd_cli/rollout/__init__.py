@@ -1,8 +1,10 @@
-"""Rollouts behind one small interface: `Rollout(generate, sync_weights)`.
+"""Rollouts behind one small interface: `Rollout(generate, sync_weights, close)`.
 
 `generate(prompts_ids, n, temperature, max_new_tokens, seed)` returns a `RolloutBatch`; `sync_weights()`
 must be called after every optimizer step (an engine holding its own copy of the weights, like vLLM,
-otherwise samples from stale weights). `hf` runs in-process; `vllm` is imported only when chosen.
+otherwise samples from stale weights); `close()` frees an engine at the stage's end. `hf` runs
+in-process; `vllm` is imported only when chosen. An engine reports the log-prob of each token it sampled
+(`RolloutBatch.logprobs_BR`), so the trainer can show how far its own values are from the engine's.
 
     python -m pytest tests/test_engine.py -q -k rollout
 """
@@ -22,12 +24,14 @@ class RolloutBatch:
     response_ids_BR: torch.Tensor  # right-padded
     response_mask_BR: torch.Tensor  # true up to and including the first stop token
     prompt_index_B: list[int]  # which prompt each row samples
+    logprobs_BR: torch.Tensor | None = None  # the engine's log-prob of each sampled token (None: not reported)
 
 
 @dataclass
 class Rollout:
     generate: Callable[..., RolloutBatch]
     sync_weights: Callable[[], None]
+    close: Callable[[], None] = lambda: None
 
 
 def make_rollout(engine: str, policy, rollout_cfg, batch_size: int = 256) -> Rollout:

@@ -1,6 +1,7 @@
 """In-process rollouts with HF `generate`: batched, KV cache, n samples per prompt, temperature sampling
 over the full vocabulary (no top-k, no top-p) or greedy (temperature 0), stop on EOS and on the end-of-turn
-token, and on optional stop strings.
+token, and on optional stop strings, whatever the checkpoint's own `generation_config.json` says (Qwen3
+instruct models ship temperature 0.6, top_p 0.95).
 
     python -m pytest tests/test_engine.py -q -k rollout
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from aopd_cli.distributed import gathered
 from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
 
 
@@ -33,14 +35,23 @@ def hf_rollout(policy, batch_size: int = 256) -> Rollout:
         responses: list[list[int]] = []
         was_training = policy.model.training
         policy.model.eval()
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                chunk_ids = prompt_ids[start:start + batch_size].to(policy.device)
-                chunk_mask = prompt_mask[start:start + batch_size].to(policy.device)
-                out = policy.model.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
-                                            generation_config=gen_config,
-                                            tokenizer=policy.tokenizer if stop_strings else None)
-                responses += out[:, chunk_ids.shape[1]:].cpu().tolist()
+        # transformers 4.x replaces the values of a GenerationConfig that equal its global defaults
+        # (temperature 1.0, top_p 1.0, top_k 50) by the checkpoint's generation_config: with the model's own
+        # config set to ours for the call, nothing is left to replace them with
+        checkpoint_defaults = policy.model.generation_config
+        policy.model.generation_config = gen_config
+        try:
+            # a sharded model is gathered whole for generation: ranks then decode for different numbers of steps
+            with torch.no_grad(), gathered(policy.model):
+                for start in range(0, len(rows), batch_size):
+                    chunk_ids = prompt_ids[start:start + batch_size].to(policy.device)
+                    chunk_mask = prompt_mask[start:start + batch_size].to(policy.device)
+                    out = policy.model.generate(input_ids=chunk_ids, attention_mask=chunk_mask,
+                                                generation_config=gen_config,
+                                                tokenizer=policy.tokenizer if stop_strings else None)
+                    responses += out[:, chunk_ids.shape[1]:].cpu().tolist()
+        finally:  # checkpoints save the model's generation_config: it stays the checkpoint's
+            policy.model.generation_config = checkpoint_defaults
         policy.model.train(was_training)
         response_ids, generated = right_pad(responses, pad_id, max(1, max(len(r) for r in responses)))
         response_mask = mask_through_first_stop(response_ids, policy.stop_ids, generated)

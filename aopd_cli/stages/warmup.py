@@ -1,5 +1,6 @@
 """`aopd warmup`: SFT on conversations (OpenThoughts format, optionally mixed with ToolAlpaca
-conversations), loss on assistant tokens only. With `reuse_cached=true` a checkpoint trained from the
+conversations), loss on assistant tokens only. Examples longer than `train.max_seq_len` are truncated or
+dropped (`train.too_long`), and counted. With `reuse_cached=true` a whole checkpoint trained from the
 same config (content hash) is reused instead of trained again: the lab's teacher is made once.
 
     aopd warmup train.steps=20
@@ -9,25 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
 
 from aopd_cli import metrics as names
+from aopd_cli.checkpoints import checkpoint_problem
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import sft_example, tool_sft_messages
 from aopd_cli.engine import MicroBatch, load_policy, seed_everything
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
 from aopd_cli.objectives import global_normalizer, seqkd_loss
+from aopd_cli.progress import say
 from aopd_cli.rollout import make_rollout, right_pad
-from aopd_cli.stages.common import StepBatch, micro_batches, open_run, sample_indices, tracked_run, train_loop
+from aopd_cli.stages.common import StepBatch, log_dataset, micro_batches, sample_indices, train_loop
 
 
 def cache_key(config) -> str:
     from aopd_cli import __version__
     from aopd_cli.data.lab import LAB_VERSION
+    from aopd_cli.stages.common import _TRAIN_NOT_IDENTITY
 
-    content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval"})
+    content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
+    content["train"] = {k: v for k, v in content["train"].items() if k not in _TRAIN_NOT_IDENTITY}
     blob = json.dumps([content, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -38,69 +44,106 @@ def cached_checkpoint(config) -> Path:
     return cache_root() / "checkpoints" / f"warmup-{cache_key(config)}"
 
 
-def run_warmup(config, *, parent_run_id: str | None = None, run_name: str | None = None,
-                tags: dict[str, str] | None = None) -> Path:
+def fit_length(examples: list[tuple[list[int], list[bool]]], max_len: int | None, policy: str):
+    """(examples within `max_len` tokens, how many were truncated or dropped)."""
+    if max_len is None:
+        return examples, 0
+    too_long = [len(ids) > max_len for ids, _ in examples]
+    if policy == "drop":
+        return [e for e, long in zip(examples, too_long) if not long], sum(too_long)
+    return [(ids[:max_len], mask[:max_len]) for ids, mask in examples], sum(too_long)
+
+
+def prepare(config):
+    """The conversations and the student (None when a whole cached checkpoint is reused)."""
     seed_everything(config.seed)
-    cached = cached_checkpoint(config)
-    if config.reuse_cached and (cached / "config.json").is_file():
-        print(f"aopd: reusing the cached warm-up checkpoint {cached} (same config, hash {cache_key(config)})")
-        tracker = open_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
-        tracker.set_tags({"reused_checkpoint": str(cached)})
-        tracker.close()
-        _link_into_output(cached, Path(config.output_dir) / "checkpoint")
-        return cached
-    conversations = [r["messages"] for r in load_data(config.data, "sft")]
+    if config.reuse_cached and checkpoint_problem(cached_checkpoint(config)) is None:
+        return None
+    datasets = [("train", config.data.source, load_data(config.data, "sft"))]
+    conversations = [r["messages"] for r in datasets[0][2]]
     if config.tool_data is not None:
-        conversations += [tool_sft_messages(r, config.tool_data.prompt_style)
-                          for r in load_data(config.tool_data, "tool_train")]
-    policy = load_policy(config.student, role="student", seed=config.seed)
+        datasets.append(("train", config.tool_data.source, load_data(config.tool_data, "tool_train")))
+        conversations += [tool_sft_messages(r, config.tool_data.prompt_style) for r in datasets[1][2]]
+    policy = load_policy(config.student, role="student", seed=config.seed, trainable=True,
+                         activation_checkpointing=config.train.activation_checkpointing)
+    return conversations, policy, datasets
+
+
+def run(config, session, prepared) -> Path:
+    out_dir, train = session.out_dir, config.train
+    cached = cached_checkpoint(config)
+    if prepared is None:
+        say(f"reusing the cached warm-up checkpoint {cached} (same config, hash {cache_key(config)})")
+        session.tracker.set_tags({"reused_checkpoint": str(cached)})
+        return _link_into_output(cached, out_dir / "checkpoint")
+    conversations, policy, datasets = prepared
+    for context, source, records in datasets:
+        log_dataset(session, context, source, records)
     examples = [sft_example(policy.tokenizer, messages, policy.stop_ids) for messages in conversations]
-    with tracked_run(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as tracker:
-        rng, train = random.Random(config.seed), config.train
-        rollout = make_rollout("hf", policy, None, config.eval.batch_size)
+    examples, too_long = fit_length(examples, train.max_seq_len, train.too_long)
+    if too_long:
+        say(f"{too_long} of {len(conversations)} examples are longer than train.max_seq_len={train.max_seq_len}: "
+            f"{'dropped' if train.too_long == 'drop' else 'truncated'}")
+    session.tracker.log_metrics({f"data/{train.too_long}_examples": too_long, "data/examples": len(examples)}, step=0)
+    rng = random.Random(config.seed)
+    rollout = make_rollout("hf", policy, None, config.eval.batch_size)
 
-        def make_step(step: int) -> StepBatch:
-            chosen = [examples[i] for i in sample_indices(rng, len(examples), train.batch_size)]
-            ids_BL, attn_BL = right_pad([ids for ids, _ in chosen], policy.tokenizer.pad_token_id)
-            mask_BL, _ = right_pad([[int(m) for m in mask] for _, mask in chosen], 0, ids_BL.shape[1])
-            mask_BT = (mask_BL[:, 1:] == 1) & attn_BL[:, 1:]
-            micro = micro_batches(ids_BL, attn_BL.long(), 1, mask_BT, train.micro_batch_size)
-            return StepBatch(micro, global_normalizer(mask_BT, "seq-mean-token-mean"),
-                             {names.train("response_len"): float(mask_BT.sum(-1).float().mean())})
+    def make_step(step: int) -> StepBatch:
+        chosen = [examples[i] for i in sample_indices(rng, len(examples), train.batch_size)]
+        ids_BL, attn_BL = right_pad([ids for ids, _ in chosen], policy.tokenizer.pad_token_id)
+        mask_BL, _ = right_pad([[int(m) for m in mask] for _, mask in chosen], 0, ids_BL.shape[1])
+        mask_BT = (mask_BL[:, 1:] == 1) & attn_BL[:, 1:]
+        mine = _rank_rows(len(chosen))
+        micro = micro_batches(ids_BL[mine], attn_BL[mine].long(), 1, mask_BT[mine], train.micro_batch_size,
+                              train.micro_batch_tokens)
+        return StepBatch(micro, global_normalizer(mask_BT[mine], "seq-mean-token-mean"),
+                         {names.train("response_len"): float(mask_BT.sum(-1).float().mean())})
 
-        def loss_fn(head, micro: MicroBatch, normalizer: int):
-            return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
+    def loss_fn(head, micro: MicroBatch, normalizer: int):
+        return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
 
-        def evaluate(step: int) -> dict[str, float]:
-            return evaluate_policy(policy, rollout, config.eval, seed=config.seed)[0]  # as `aopd eval` of it
+    def evaluate(step: int) -> dict[str, float]:
+        return evaluate_policy(policy, rollout, config.eval, seed=config.seed)[0]  # as `aopd eval` of it
 
-        checkpoint = train_loop(config, policy, tracker, make_step=make_step, loss_fn=loss_fn, evaluate=evaluate,
-                                label=run_name or "warmup")
-        if config.eval.benchmarks or config.eval.tool_benchmarks:
-            metrics = evaluate(train.steps)
-            tracker.log_metrics(metrics, step=train.steps)
-            print_metrics(f"warm-up {run_name or ''}".strip(), metrics, config.eval)
-        if config.reuse_cached:
-            _store_in_cache(checkpoint, cached)
-        return checkpoint
+    checkpoint = train_loop(session, policy, make_step=make_step, loss_fn=loss_fn, sampler=rng, evaluate=evaluate,
+                            label=session.name)
+    if config.eval.benchmarks or config.eval.tool_benchmarks:
+        metrics = evaluate(train.steps)
+        session.tracker.log_metrics(metrics, step=train.steps)
+        print_metrics(session.name, metrics, config.eval)
+    if config.reuse_cached:
+        _store_in_cache(checkpoint, cached)
+    return checkpoint
 
 
-def _link_into_output(cached: Path, target: Path) -> None:
-    """The stage's own folder shows the reused checkpoint too (a link: warm-ups of real models are large)."""
+def _rank_rows(count: int) -> list[int]:
+    from aopd_cli.distributed import shard_of
+
+    return shard_of(list(range(count)))
+
+
+def _link_into_output(cached: Path, target: Path) -> Path:
+    """The stage's own folder shows the reused checkpoint (a link: warm-ups of real models are large)."""
     if target.is_symlink():
         target.unlink()
     elif target.exists():
-        return  # a checkpoint this folder already holds is left alone
+        return target  # a checkpoint this folder already holds is left alone
     target.parent.mkdir(parents=True, exist_ok=True)
     target.symlink_to(cached.resolve(), target_is_directory=True)
+    return target
 
 
 def _store_in_cache(checkpoint: Path, cached: Path) -> None:
-    staging = cached.with_name(cached.name + ".tmp")
+    """Copy into the cache through a per-process name, so two runs storing at once never mix files."""
+    from aopd_cli import distributed
+
+    if not distributed.is_main():
+        return
+    staging = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(checkpoint, staging)
-    shutil.rmtree(cached, ignore_errors=True)
+    old = cached.with_name(f".old-{cached.name}-{os.getpid()}")
+    if cached.exists():
+        cached.rename(old)
     staging.rename(cached)
-
-
-
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""SIGTERM (what clusters send before pre-emption) and SIGINT (Ctrl-C), handled so that a run can resume.
+
+Inside a training step the signal only asks the loop to stop: the step finishes, a resumable checkpoint
+is written, the run is marked KILLED and the process exits 143 (SIGTERM) or 130 (SIGINT). A second
+Ctrl-C, or a signal outside a step (loading, evaluating), stops at once with the same exit codes; the
+last whole checkpoint stays. Every rank gets the signal from torchrun; the loop agrees on stopping
+collectively.
+
+    python -m pytest tests/test_resume.py -q -k signal
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(BaseException):
+    """A stop asked by a signal; the CLI exits 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by {NAMES.get(signum, signum)}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+@dataclass
+class StopFlag:
+    requested: int | None = None  # the signal that asked to stop at the end of the step
+    in_step: bool = False
+
+    @contextmanager
+    def step(self):
+        """A training step: a signal here waits for the step's end."""
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+
+
+@contextmanager
+def handled_signals():
+    """Install the handlers for the block (main thread only); yields the StopFlag the loop polls."""
+    flag = StopFlag()
+
+    def handler(signum, frame):
+        if flag.in_step and flag.requested is None:
+            flag.requested = signum
+            again = " (Ctrl-C again to stop now, without it)" if signum == signal.SIGINT else ""
+            print(f"\naopd: {NAMES[signum]}: finishing this step, then writing a checkpoint to resume from{again}",
+                  file=sys.stderr, flush=True)
+            return
+        raise Interrupted(signum)
+
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in NAMES}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

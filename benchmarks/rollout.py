@@ -1,0 +1,176 @@
+"""Rollout and teacher-scoring speed on this machine: tokens/s of HF `generate` and of the vLLM engine
+(both through aopd's rollouts, so what a stage gets), the weight sync into the engine, and teacher top-K
+scoring per 1,000 response tokens on the three teacher engines (HF, in-process vLLM, a vLLM server aopd
+starts). Models: the lab student (0.1M parameters) and teacher (0.6M) and a ~20M Qwen3, all built from a
+config with the lab tokenizer and random weights. Each measurement runs in its own process (an
+in-process engine changes its process: threads, RNG, a process group); a markdown table is printed.
+
+    OMP_NUM_THREADS=1 python benchmarks/rollout.py --prompts 64 --n 4 --new-tokens 64
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ARCHS = {  # name -> LabArch fields (the lab's recipes, and a ~20M model of the same family)
+    "lab_student": dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128),
+    "lab_teacher": dict(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384),
+    "qwen3_20m": dict(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=64, intermediate_size=2688),
+}
+KV_GIB = 0.5
+
+
+def checkpoint(root: Path, name: str) -> Path:
+    """The model saved like any checkpoint (the server and the vLLM scorer load from a folder)."""
+    from aopd_cli.config.schema import LabArch
+    from aopd_cli.data.lab import ensure_lab
+    from aopd_cli.engine import _fresh_lab_model
+    from transformers import AutoTokenizer
+
+    folder = root / name
+    if not (folder / "config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(ensure_lab() / "tokenizer")
+        model = _fresh_lab_model(LabArch(**ARCHS[name]), tokenizer, seed=0)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prompts(tokenizer, count: int) -> list[list[int]]:
+    from aopd_cli.data.prompts import chat_ids
+
+    return [chat_ids(tokenizer, [{"role": "user", "content": f"What is {i} + {3 * i}? Think step by step."}],
+                     add_generation_prompt=True) for i in range(count)]
+
+
+def measure_generate(engine: str, folder: Path, args) -> dict:
+    from aopd_cli.config.schema import ModelConfig, RolloutConfig
+    from aopd_cli.engine import load_policy
+    from aopd_cli.rollout import make_rollout
+
+    policy = load_policy(ModelConfig(path=str(folder)), role="student", trainable=engine == "vllm")
+    started = time.perf_counter()
+    rollout = make_rollout(engine, policy, RolloutConfig(engine=engine, kv_cache_gib=KV_GIB, max_model_len=512),
+                           batch_size=args.prompts * args.n)
+    start_s = time.perf_counter() - started
+    batch_prompts = prompts(policy.tokenizer, args.prompts)
+    rollout.generate(batch_prompts[:2], n=1, temperature=1.0, max_new_tokens=4, seed=0)  # warm-up
+    runs = []
+    for repeat in range(args.repeats):
+        started = time.perf_counter()
+        batch = rollout.generate(batch_prompts, n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, seed=repeat)
+        runs.append((int(batch.response_mask_BR.sum()), time.perf_counter() - started))
+    result = {"tokens_per_s": max(tokens / seconds for tokens, seconds in runs), "start_s": start_s}
+    if engine == "vllm":
+        syncs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            rollout.sync_weights()
+            syncs.append(time.perf_counter() - started)
+        result["sync_ms"] = sorted(syncs)[2] * 1000
+    rollout.close()
+    return result
+
+
+def scoring_batch(tokenizer, args):
+    """`args.sequences` chat prompts, each with `args.new_tokens` random response tokens (all counted)."""
+    import torch
+
+    from aopd_cli.rollout import RolloutBatch, left_pad, right_pad
+    from aopd_cli.stages.common import rollout_micro_batches
+
+    generator = torch.Generator().manual_seed(0)
+    chats = prompts(tokenizer, args.sequences)
+    responses = [torch.randint(3, len(tokenizer), (args.new_tokens,), generator=generator).tolist() for _ in chats]
+    prompt_ids, prompt_mask = left_pad(chats, tokenizer.pad_token_id)
+    response_ids, valid = right_pad(responses, tokenizer.pad_token_id)
+    batch = RolloutBatch(prompt_ids, prompt_mask, response_ids, valid, list(range(len(chats))))
+    return rollout_micro_batches(batch, len(chats))[0]
+
+
+def measure_scoring(engine: str, folder: Path, args) -> dict:
+    from contextlib import ExitStack
+
+    from aopd_cli.config.schema import ModelConfig, TeacherConfig
+    from aopd_cli.engine import load_policy
+    from aopd_cli.scoring import teacher_scorer
+
+    student = load_policy(ModelConfig(path=str(folder)), role="student")
+    config = TeacherConfig(path=str(folder), engine=engine, kv_cache_gib=KV_GIB, max_model_len=512)
+    teacher = student if engine == "hf" else None
+    micro = scoring_batch(student.tokenizer, args)
+    with ExitStack() as stack:
+        started = time.perf_counter()
+        score = stack.enter_context(teacher_scorer(config, teacher, student, args.top_k, Path(tempfile.mkdtemp())))
+        start_s = time.perf_counter() - started
+        score(micro)  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            score(micro)
+            times.append(time.perf_counter() - started)
+    tokens = int(micro.mask_BT.sum())
+    return {"ms_per_1k_tokens": min(times) / tokens * 1e6, "start_s": start_s, "tokens": tokens}
+
+
+def run_one(kind: str, engine: str, name: str, args) -> dict:
+    """One measurement in a fresh process (its JSON on the last line of stdout)."""
+    command = [sys.executable, __file__, "--one", kind, engine, name, "--root", str(args.root)] + [
+        f"--{key.replace('_', '-')}={getattr(args, key)}" for key in ("prompts", "n", "new_tokens", "sequences",
+                                                                       "top_k", "repeats")]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(ARCHS))
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--sequences", type=int, default=32, help="sequences per teacher scoring call")
+    parser.add_argument("--top-k", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-server", action="store_true", help="skip the server (it takes ~30-60 s to start)")
+    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "aopd-bench-models")
+    parser.add_argument("--one", nargs=3, metavar=("KIND", "ENGINE", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        kind, engine, name = args.one
+        folder = checkpoint(args.root, name)
+        result = (measure_generate if kind == "generate" else measure_scoring)(engine, folder, args)
+        print(json.dumps(result))
+        return
+    names = args.models.split(",")
+    for name in names:
+        checkpoint(args.root, name)
+    print(f"# rollout and scoring speed (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"{os.cpu_count()} CPUs; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens; scoring "
+          f"{args.sequences} sequences x {args.new_tokens} response tokens, K={args.top_k})\n")
+    print("| model | HF generate tok/s | vLLM tok/s | vLLM start s | sync ms | score HF ms/1k tok | "
+          "score vLLM ms/1k tok | score server ms/1k tok | server start s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        hf, vllm = run_one("generate", "hf", name, args), run_one("generate", "vllm", name, args)
+        scores = {engine: run_one("score", engine, name, args) for engine in ("hf", "vllm", "server")
+                  if engine != "server" or not args.no_server}
+
+        def cell(result, key, digits=0):
+            return result["error"] if "error" in result else f"{result[key]:,.{digits}f}"
+
+        server = scores.get("server", {"error": "skipped"})
+        print(f"| {name} | {cell(hf, 'tokens_per_s')} | {cell(vllm, 'tokens_per_s')} | {cell(vllm, 'start_s', 1)} | "
+              f"{cell(vllm, 'sync_ms', 1)} | {cell(scores['hf'], 'ms_per_1k_tokens', 1)} | "
+              f"{cell(scores['vllm'], 'ms_per_1k_tokens', 1)} | {cell(server, 'ms_per_1k_tokens', 1)} | "
+              f"{cell(server, 'start_s', 1)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Data parallelism on the CPU: torchrun with 2 processes (gloo), FSDP2-sharded models.
+
+- one update at world size 2 equals the update at world size 1 on the same global batch;
+- `aopd distill --nproc-per-node 2` finishes with one MLflow run and a final checkpoint transformers
+  loads, and a step checkpoint written at world size 2 resumes;
+- a rank that raises stops every rank quickly, with its error shown.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from aopd_cli.tracking import connect
+from helpers import distill_args, run_aopd, start_aopd, wait_for
+
+pytestmark = pytest.mark.slow
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def torchrun(*args, cwd, cache, nproc=2, timeout=600):
+    env = {**os.environ, "AOPD_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_one_update_is_the_same_at_world_size_1_and_2(tmp_path, lab_cache):
+    one = subprocess.run([sys.executable, SCRIPTS / "one_update.py", tmp_path / "w1.pt"], capture_output=True, text=True,
+                         env={**os.environ, "AOPD_CACHE": str(lab_cache)})
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(SCRIPTS / "one_update.py", tmp_path / "w2.pt", cwd=tmp_path, cache=lab_cache)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "w1.pt"), torch.load(tmp_path / "w2.pt")
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    errors = [(a["weights"][k] - b["weights"][k]).abs().max().item() for k in a["weights"]]
+    assert max(errors) < 1e-5, max(errors)
+    assert all(not torch.equal(a["before"][k], a["weights"][k]) for k in a["weights"])  # the step moved every tensor
+
+
+def test_distill_on_two_processes_tracks_once_saves_and_resumes(tmp_path, tiny_checkpoint, lab_cache):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"  # absolute: it names this test's processes
+    args = [*distill_args(tiny_checkpoint, out, "train.steps=6", "train.save_every=2"), "--nproc-per-node", "2"]
+    process = start_aopd(*args, cwd=tmp_path, cache=lab_cache, log=tmp_path / "log")
+    wait_for(lambda: (out / "step_2/meta.json").is_file() or process.poll() is not None, what="step_2")
+    # torchrun starts each rank in a session of its own: kill the launcher and the ranks, as a scheduler does
+    subprocess.run(["pkill", "-9", "-f", f"output_dir={out}"])
+    process.wait()
+    assert (out / "step_2/rank1.pt").is_file() and not (out / "checkpoint").exists()
+    started = time.time()
+    rerun = run_aopd(*args, cwd=tmp_path, cache=lab_cache)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "resuming distill aopd from step 2 of 6" in rerun.stdout
+    assert rerun.stdout.count("distill done") == 1  # rank 0 alone prints
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("aopd").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2" and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == [1, 2, 3, 4, 5, 6]
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    print(f"world-2 resumed run: {time.time() - started:.1f} s")
+
+
+def test_a_rank_that_raises_stops_every_rank(tmp_path, tiny_checkpoint, lab_cache):
+    started = time.time()
+    result = torchrun(SCRIPTS / "rank_fails.py", *distill_args(tiny_checkpoint, "out", "train.steps=4"),
+                      "tracking.enabled=false", cwd=tmp_path, cache=lab_cache, timeout=300)
+    assert result.returncode != 0
+    assert "aopd: rank 1: injected failure on rank 1" in result.stdout + result.stderr
+    assert time.time() - started < 200  # start-up included; the failure itself ends both ranks in seconds
