@@ -146,7 +146,8 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
                 started = time.perf_counter()
                 run_name = " ".join(filter(None, [stage_name, plan.label]))
                 results[stage_name] = run_stage(config, parent_run_id=parent.run_id, run_name=run_name,
-                                                tags={**plan.extra_tags, **plan.stage_tags.get(stage_name, {})})
+                                                tags={**plan.extra_tags, **plan.stage_tags.get(stage_name, {}),
+                                                      "pipeline_stage": stage_name})
                 timings[stage_name] = time.perf_counter() - started
                 parent.log_metrics({names.seconds(f"stage_{stage_name}"): timings[stage_name]})
             report = comparison_report(plan.experiment, results, timings)

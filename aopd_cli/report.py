@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aopd_cli import metrics as names
-from aopd_cli.errors import UserError
+from aopd_cli.errors import ConfigError, UserError
 
 ABLATIONS = ("ablation_beta", "ablation_topk", "ablation_tau", "ablation_location")
 MATH_BENCH = "lab_math"  # the curves' benchmark: the held-out test split, as the paper's App. D
@@ -70,13 +70,24 @@ def _sweep_experiment(run) -> str | None:
     return named[-1] if named else "lab"
 
 
+def _experiment_name(run) -> str | None:
+    """The `name` of the experiment a sweep ran (its file may be a path: a smoke copy, say)."""
+    from aopd_cli.config.compose import load_experiment
+
+    found = _sweep_experiment(run)
+    try:
+        return load_experiment(found).name if found else None
+    except ConfigError:  # the file is gone
+        return None
+
+
 def load_sweep(all_runs, parent_id: str | None, experiment: str) -> Sweep | None:
     """The sweep `parent_id`, or the newest finished sweep of `experiment`; None when there is none."""
     from aopd_cli.config.compose import load_experiment
 
     if parent_id is None:
         parents = [r for r in all_runs if r.data.tags.get("stage") == "sweep" and r.info.status == "FINISHED"
-                   and _sweep_experiment(r) == experiment]
+                   and _experiment_name(r) == experiment]
         if not parents:
             return None
         parent = max(parents, key=lambda r: r.info.start_time)
@@ -90,7 +101,9 @@ def load_sweep(all_runs, parent_id: str | None, experiment: str) -> Sweep | None
         if pipeline.info.status != "FINISHED":
             continue
         seed = pipeline.data.tags.get("sweep.seed", pipeline.info.run_id)
-        sweep.seeds[seed] = {r.data.tags.get("mlflow.runName"): r for r in children[pipeline.info.run_id]}
+        # runs are named by what they are (`opd_weak seed=1`); the stage's name in the experiment is a tag
+        sweep.seeds[seed] = {r.data.tags.get("pipeline_stage", r.data.tags.get("mlflow.runName")): r
+                             for r in children[pipeline.info.run_id]}
     if not sweep.seeds:
         raise UserError(f"sweep {parent.info.run_id} has no finished pipeline run")
     return sweep

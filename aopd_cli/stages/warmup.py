@@ -34,6 +34,9 @@ def cache_key(config) -> str:
 
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
     content["train"] = {k: v for k, v in content["train"].items() if k not in _TRAIN_NOT_IDENTITY}
+    start = content["student"].get("path")
+    if start and Path(start).is_symlink():  # a reused warm-up in a pipeline's folder: the cached one it links to
+        content["student"]["path"] = str(Path(start).resolve())
     blob = json.dumps([content, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
