@@ -15,7 +15,7 @@ from aopd_cli.eval import grade_turn
 from aopd_cli.eval.harness import evaluate_policy, run_episodes
 from aopd_cli.eval.tools import STUB_OBSERVATION, grade_episode
 from aopd_cli.rollout import RolloutBatch, left_pad, mask_through_first_stop, right_pad
-from helpers import run_aopd
+from helpers import distill_args, run_aopd
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -182,3 +182,22 @@ def test_lab_full_smoke_runs_every_method_and_the_report(tmp_path, lab_cache):
     figures = {p.name for p in (tmp_path / "docs/lab").glob("*.png")}
     assert {"fig6_pass_at_1_weak.png", "fig6_pass_at_1_strong.png", "entropy_vs_step.png",
             "intervention_ratio_vs_step.png", "advantage_histogram.png", "table2_continual.png"} <= figures
+
+
+# ---------------------------------------------------------------- intervention by accuracy (method.md)
+def test_a_response_without_boxed_is_wrong_for_the_accuracy_gate():
+    from aopd_cli.eval import grade_math
+
+    assert grade_math("so the answer is 12", "12")  # evaluation still reads an unboxed final answer
+    assert not grade_math("so the answer is 12", "12", require_boxed=True)  # a truncated response counts as wrong
+    assert grade_math("3*4=12 \\boxed{12}", "12", require_boxed=True)
+
+
+def test_accuracy_gate_in_the_continual_stage_grades_tool_turns(tmp_path, lab_cache, tiny_checkpoint):
+    """Tool records have no math answer: each sampled turn is graded against its golden call (was a KeyError)."""
+    out = tmp_path / "continual"
+    args = distill_args(tiny_checkpoint, out, "objective=aopd", "objective.intervention=accuracy", "train.steps=1",
+                        "eval.benchmarks=[]", "eval.tool_benchmarks=[]", "tracking.enabled=false")
+    result = run_aopd("continual", *args[1:], cwd=tmp_path, cache=lab_cache)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (out / "checkpoint" / "model.safetensors").is_file()
