@@ -33,7 +33,7 @@ LINE_STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,12 +83,18 @@ def _rate_axis(ax) -> None:
 
 def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    return finish_figure(fig, path)
+
+
+def finish_figure(fig, path: Path, legend_size: int = 7, dpi: int = 120) -> Path:
+    """Grid and legend on every axis, then the PNG; the figure is closed."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
     return path
 
 
@@ -127,7 +133,7 @@ def line_plot(curves: dict, path: Path, title: str, ylabel: str, rate: bool, met
     """`curves`: label -> (seeds, (steps, means, stds)); labels without steps are named in a note."""
     from matplotlib.ticker import MaxNLocator
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn: dict[str, tuple] = {}
     missing = []
@@ -173,7 +179,7 @@ def advantage_histogram(samples: dict, path: Path, title: str) -> Path:
     """One step-histogram per label of advantage samples (numpy arrays), on a log scale."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn: dict[str, object] = {}
     for (label, values), (style, _) in zip(samples.items(), _styles()):
@@ -220,7 +226,7 @@ def _mean_std(runs, key: str) -> tuple[float | None, float | None]:
 
 def _final_bars(groups: dict[str, list], out: Path) -> Path:
     """Pass@1 and the largest Pass@k per benchmark, from the eval stages (else the distill stages)."""
-    plt = _pyplot()
+    plt = pyplot()
     stage = "eval" if any(m[0].data.tags.get("stage") == "eval" for m in groups.values()) else "distill"
     groups = {label: m for label, m in groups.items() if m[0].data.tags.get("stage") == stage}
     keys = {k for m in groups.values() for r in m for k in r.data.metrics}
@@ -274,7 +280,7 @@ def table2_data(continual: dict) -> tuple[int | None, list[str], list[float | No
 
 
 def _table2(continual: dict, out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     k, labels, tool, change = table2_data(continual)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     _bars(axes[0], tool, [None] * len(labels), 0, 0.6, color="#4477aa")

@@ -10,30 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from aopd_cli import metrics as names
+from aopd_cli.plots import finish_figure, pyplot
 from aopd_cli.report import MATH_BENCH, Sweep, curve, mean_std, rows_by_block, table2_rows, training_stages
 from aopd_cli.report_claims import ablation_finals
 
 COLORS = {"SeqKD": "#999999", "OPD": "#cc3311", "ExOPD": "#ee7733", "GKD": "#0077bb", "AOPD": "#009988"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _finish(fig, path: Path) -> Path:
-    for ax in fig.axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    return finish_figure(fig, path, legend_size=8, dpi=110)
 
 
 def _curves(ax, client, sweep: Sweep, block: str, key: str) -> None:
@@ -54,7 +39,7 @@ def pass_at_1_curves(client, sweep: Sweep, out: Path) -> list[Path]:
     for block in rows_by_block(sweep):
         if not training_stages(sweep, block):
             continue
-        fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
+        fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
         _curves(ax, client, sweep, block, names.pass_at(MATH_BENCH, 1))
         ax.set(title=f"Pass@1 during distillation, {block} warm-up (mean ± std over seeds)",
                xlabel="optimizer step", ylabel="Pass@1 (lab_math test)")
@@ -69,7 +54,7 @@ def training_curves(client, sweep: Sweep, out: Path) -> list[Path]:
     for file_name, metric, ylabel in (("entropy_vs_step.png", names.train("entropy"), "mean student entropy (nats)"),
                                       ("intervention_ratio_vs_step.png", names.train("intervention_ratio"),
                                        "share of tokens with G_t = 1")):
-        fig, axes = _pyplot().subplots(1, max(1, len(blocks)), figsize=(5.5 * max(1, len(blocks)), 4), squeeze=False)
+        fig, axes = pyplot().subplots(1, max(1, len(blocks)), figsize=(5.5 * max(1, len(blocks)), 4), squeeze=False)
         for ax, block in zip(axes[0], blocks):
             _curves(ax, client, sweep, block, metric)
             ax.set(title=f"{block} warm-up", xlabel="optimizer step", ylabel=ylabel)
@@ -81,7 +66,7 @@ def advantage_histogram(client, sweep: Sweep, out: Path, block: str = "strong") 
     """Paper Fig. 2a: the K1 advantages log P_T - log P_S seen in training, per method, all seeds pooled."""
     import numpy as np
 
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for method, stage in training_stages(sweep, block).items():
         found = []
         for run in sweep.runs(stage):
@@ -102,7 +87,7 @@ def advantage_histogram(client, sweep: Sweep, out: Path, block: str = "strong") 
 def table2_bars(sweep: Sweep, out: Path) -> Path:
     rows = table2_rows(sweep)
     methods = list(rows)
-    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "success", "tool success after continual (lab_tools test)"),
                            (axes[1], "change", "math Pass@4 change through continual")):
         stats = [mean_std(rows[m][key]) for m in methods]
@@ -116,7 +101,7 @@ def table2_bars(sweep: Sweep, out: Path) -> Path:
 def ablation_bars(client, name: str, sweep: Sweep, out: Path) -> list[Path]:
     """Final Pass@1 and greedy accuracy per setting (mean ± std); for top-K also the curves (Fig. 8b)."""
     finals = ablation_finals(sweep)
-    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
     labels = [label.replace("objective.", "") for label, _, _ in finals]
     positions = range(len(labels))
     for offset, index, legend in ((-0.2, 1, "sampled Pass@1"), (0.2, 2, "greedy")):
@@ -127,7 +112,7 @@ def ablation_bars(client, name: str, sweep: Sweep, out: Path) -> list[Path]:
     ax.set(title=f"{name}: final math accuracy (mean ± std over seeds)", ylabel="%")
     written = [_finish(fig, out / f"{name}.png")]
     if name == "ablation_topk":
-        fig, ax = _pyplot().subplots(figsize=(6.5, 4))
+        fig, ax = pyplot().subplots(figsize=(6.5, 4))
         for label, stage in sweep.experiment.table1.items():
             source = sweep.source(stage)
             steps, mean, std = curve(client, sweep.runs(source), names.pass_at(MATH_BENCH, 1)) if source else ([], [], [])

@@ -107,7 +107,7 @@ def test_parent_and_all_choose_other_runs(store, tmp_path, capsys):
 
 
 def test_a_missing_bar_is_marked_not_drawn_as_zero(tmp_path):
-    plt = plots._pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots()
     plots._bars(ax, [None, 0.0, 0.5], [None, None, 0.1], 0, 0.5)
     texts = [t.get_text() for t in ax.texts]
@@ -129,7 +129,7 @@ def test_curves_keep_rates_in_0_1_integer_steps_and_say_what_coincides(tmp_path,
     assert "not logged (not drawn): gkd" in labels
     assert ax.get_ylim() == (0, 1)
     assert all(float(t).is_integer() for t in ax.get_xticks())
-    plots._pyplot().close("all")
+    plots.pyplot().close("all")
 
 
 def _fake(metrics):
