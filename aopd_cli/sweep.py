@@ -58,11 +58,26 @@ def point_label(values: dict[str, str]) -> str:
     return " ".join(f"{key.removeprefix('objective.')}={value}" for key, value in values.items())
 
 
+def _definitions_digest(overrides: list[str]) -> str:
+    """A digest of the YAML files configs are composed from: the recipes, and the experiment file named."""
+    from aopd_cli.config.compose import experiments_dir, recipes_dir
+
+    files = sorted(recipes_dir().rglob("*.yaml")) + sorted(experiments_dir().glob("*.yaml"))
+    files += [Path(o.partition("=")[2]) for o in overrides if o.startswith("experiment=") and o.endswith(".yaml")]
+    digest = hashlib.sha256()
+    for path in files:
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) -> SweepPlan:
     if stage not in STAGES:
         raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}")
     command = json.dumps([stage, sorted(params), seeds, overrides])
-    sweep_id = hashlib.sha256(command.encode()).hexdigest()[:12]
+    # the same command after an edit to a recipe or experiment file is another sweep: its children would
+    # run other configs, and "done before" must never stand for runs of the old ones
+    sweep_id = hashlib.sha256((command + _definitions_digest(overrides)).encode()).hexdigest()[:12]
     root = Path("outputs") / "sweeps" / sweep_id
     children = []
     for point in expand(params):

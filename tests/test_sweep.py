@@ -1,5 +1,7 @@
 """Sweeps (grid, aliases, validation first, resume) and the comparison on a store made by a smoke sweep."""
 
+from pathlib import Path
+
 import pytest
 
 from aopd_cli.config.compose import ConfigError
@@ -100,3 +102,21 @@ def test_a_stage_sweep_tags_its_runs_and_compares_by_swept_value(swept, lab_cach
     assert sorted(r.data.params["objective.tau"] for r in runs) == ["-1.0", "1.0"]
     table = run_aopd("compare", "--experiment", "stage-sweep", "--out", "cmp2", cwd=work, cache=lab_cache)
     assert "distill:aopd tau=-1" in table.stdout and "distill:aopd tau=1" in table.stdout
+
+
+def test_an_edited_experiment_file_is_another_sweep(tmp_path, lab_cache):
+    """The same command after an edit to the experiment it names must not call the old runs "done before"."""
+    experiment = tmp_path / "mine.yaml"
+    experiment.write_text((Path(__file__).parents[1] / "experiments" / "lab_smoke.yaml").read_text())
+    first = plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id
+    assert plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id == first
+    experiment.write_text(experiment.read_text().replace("train.steps=3", "train.steps=4"))
+    assert plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id != first
+
+
+def test_an_experiment_with_two_stages_of_one_name_is_refused(tmp_path):
+    experiment = tmp_path / "twice.yaml"
+    experiment.write_text("name: twice\nstages:\n  - {name: a, stage: eval}\n  - {name: a, stage: eval}\n")
+    result = run_aopd("show", "pipeline", f"experiment={experiment}", cwd=tmp_path)
+    assert result.returncode == 2 and "stage name 'a' is used more than once" in result.stderr
+    assert "Traceback" not in result.stderr

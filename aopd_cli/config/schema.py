@@ -267,3 +267,11 @@ class Experiment(Strict):
     overrides: list[str] = []  # for every stage that has the key (like `key=value` on the command line)
     table1: dict[str, str] = {}  # row label -> eval stage (Pass@1 / Pass@4 per benchmark)
     table2: dict[str, tuple[str, str]] = {}  # row label -> (eval before continual, eval after continual)
+
+    @model_validator(mode="after")
+    def _names_once(self) -> "Experiment":
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # a later stage of the same name would silently stand in for the earlier one
+            raise ValueError(f"stage name {repeated[0]!r} is used more than once; each stage needs its own")
+        return self
