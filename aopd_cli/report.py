@@ -121,6 +121,8 @@ def fmt(values: list[float], sign: bool = False) -> str:
     mean, std = mean_std(values)
     if mean is None:
         return "-"
+    if len(values) == 1:  # one run has no spread to show
+        return f"{100 * mean:+.1f} (1 run)" if sign else f"{100 * mean:.1f} (1 run)"
     return f"{100 * mean:+.1f} ± {100 * std:.1f}" if sign else f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 

@@ -58,16 +58,22 @@ def point_label(values: dict[str, str]) -> str:
     return " ".join(f"{key.removeprefix('objective.')}={value}" for key, value in values.items())
 
 
-def _definitions_digest(overrides: list[str]) -> str:
-    """A digest of the YAML files configs are composed from: the recipes, and the experiment file named."""
+def _definitions_digest(stage: str, overrides: list[str]) -> str:
+    """A digest of the YAML files the children are composed from: the recipes, and for a pipeline the
+    experiment file it names. Other experiment files do not count (editing one leaves a sweep resumable);
+    defaults written in the code do not either."""
     from aopd_cli.config.compose import experiments_dir, recipes_dir
 
-    files = sorted(recipes_dir().rglob("*.yaml")) + sorted(experiments_dir().glob("*.yaml"))
-    files += [Path(o.partition("=")[2]) for o in overrides if o.startswith("experiment=") and o.endswith(".yaml")]
+    root = recipes_dir()
+    files = sorted(root.rglob("*.yaml"))
+    if stage == "pipeline":
+        named = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("experiment=")), "lab")
+        files.append(Path(named) if Path(named).suffix else experiments_dir() / f"{named}.yaml")
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
-            digest.update(path.name.encode() + path.read_bytes())
+            name = path.relative_to(root) if path.is_relative_to(root) else path.name
+            digest.update(f"{name}\0".encode() + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -77,7 +83,7 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
     command = json.dumps([stage, sorted(params), seeds, overrides])
     # the same command after an edit to a recipe or experiment file is another sweep: its children would
     # run other configs, and "done before" must never stand for runs of the old ones
-    sweep_id = hashlib.sha256((command + _definitions_digest(overrides)).encode()).hexdigest()[:12]
+    sweep_id = hashlib.sha256((command + _definitions_digest(stage, overrides)).encode()).hexdigest()[:12]
     root = Path("outputs") / "sweeps" / sweep_id
     children = []
     for point in expand(params):

@@ -169,9 +169,12 @@ def smoke_copy(experiment: Path, out: Path) -> Path:
 @pytest.mark.slow
 def test_lab_full_smoke_runs_every_method_and_the_report(tmp_path, lab_cache):
     smoke = smoke_copy(Path(__file__).parents[1] / "experiments" / "lab_full.yaml", tmp_path / "lab_full_smoke.yaml")
-    result = run_aopd("sweep", "pipeline", f"experiment={smoke}", "--seeds", "2", cwd=tmp_path, cache=lab_cache)
+    cache = tmp_path / "cache"  # its own: the warm-ups it trains are counted
+    result = run_aopd("sweep", "pipeline", f"experiment={smoke}", "--seeds", "2", cwd=tmp_path, cache=cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = run_aopd("report", "--out", "docs/lab.md", cwd=tmp_path, cache=lab_cache)
+    # four warm-ups trained once for both seeds; the teacher chained on teacher_math kept its cache key
+    assert len(list((cache / "checkpoints").glob("warmup-*"))) == 4
+    report = run_aopd("report", "--out", "docs/lab.md", cwd=tmp_path, cache=cache)
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     text = (tmp_path / "docs/lab.md").read_text()
     for block in ("weak", "strong"):

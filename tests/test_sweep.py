@@ -1,5 +1,6 @@
 """Sweeps (grid, aliases, validation first, resume) and the comparison on a store made by a smoke sweep."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,14 +105,19 @@ def test_a_stage_sweep_tags_its_runs_and_compares_by_swept_value(swept, lab_cach
     assert "distill:aopd tau=-1" in table.stdout and "distill:aopd tau=1" in table.stdout
 
 
-def test_an_edited_experiment_file_is_another_sweep(tmp_path, lab_cache):
-    """The same command after an edit to the experiment it names must not call the old runs "done before"."""
-    experiment = tmp_path / "mine.yaml"
-    experiment.write_text((Path(__file__).parents[1] / "experiments" / "lab_smoke.yaml").read_text())
-    first = plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id
-    assert plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id == first
-    experiment.write_text(experiment.read_text().replace("train.steps=3", "train.steps=4"))
-    assert plan_sweep("pipeline", [], 1, [f"experiment={experiment}"]).sweep_id != first
+def test_an_edited_experiment_file_is_another_sweep(tmp_path, lab_cache, monkeypatch):
+    """The same command after an edit to the experiment it names must not call the old runs "done before";
+    an edit to another experiment leaves the sweep (and its resume) as it was."""
+    experiments = tmp_path / "experiments"
+    shutil.copytree(Path(__file__).parents[1] / "experiments", experiments)
+    monkeypatch.setenv("AOPD_EXPERIMENTS", str(experiments))
+    first = plan_sweep("pipeline", [], 1, ["experiment=lab_smoke"]).sweep_id
+    assert plan_sweep("pipeline", [], 1, ["experiment=lab_smoke"]).sweep_id == first
+    (experiments / "ablation_tau.yaml").write_text("name: ablation_tau\nstages: []\n")
+    assert plan_sweep("pipeline", [], 1, ["experiment=lab_smoke"]).sweep_id == first
+    smoke = experiments / "lab_smoke.yaml"
+    smoke.write_text(smoke.read_text().replace("train.steps=3", "train.steps=4"))
+    assert plan_sweep("pipeline", [], 1, ["experiment=lab_smoke"]).sweep_id != first
 
 
 def test_an_experiment_with_two_stages_of_one_name_is_refused(tmp_path):

@@ -35,8 +35,8 @@ def cache_key(config) -> str:
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
     content["train"] = {k: v for k, v in content["train"].items() if k not in _TRAIN_NOT_IDENTITY}
     start = content["student"].get("path")
-    if start and Path(start).is_symlink():  # a reused warm-up in a pipeline's folder: the cached one it links to
-        content["student"]["path"] = str(Path(start).resolve())
+    if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
+        content["student"]["path"] = Path(start).resolve().name
     blob = json.dumps([content, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -115,7 +115,9 @@ def run(config, session, prepared) -> Path:
         session.tracker.log_metrics(metrics, step=train.steps)
         print_metrics(session.name, metrics, config.eval)
     if config.reuse_cached:
-        _store_in_cache(checkpoint, cached)
+        # the stage's folder then links to the cache, as when the checkpoint is reused: a warm-up chained on
+        # this one (the lab's teacher) gets the same cache key on its first run as on every later one
+        return _store_in_cache(checkpoint, cached)
     return checkpoint
 
 
@@ -136,17 +138,21 @@ def _link_into_output(cached: Path, target: Path) -> Path:
     return target
 
 
-def _store_in_cache(checkpoint: Path, cached: Path) -> None:
-    """Copy into the cache through a per-process name, so two runs storing at once never mix files."""
+def _store_in_cache(checkpoint: Path, cached: Path) -> Path:
+    """Copy into the cache through a per-process name, so two runs storing at once never mix files; the
+    stage's checkpoint becomes a link to the cached copy."""
     from aopd_cli import distributed
 
-    if not distributed.is_main():
-        return
-    staging = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(checkpoint, staging)
-    old = cached.with_name(f".old-{cached.name}-{os.getpid()}")
-    if cached.exists():
-        cached.rename(old)
-    staging.rename(cached)
-    shutil.rmtree(old, ignore_errors=True)
+    if distributed.is_main():
+        staging = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(checkpoint, staging)
+        old = cached.with_name(f".old-{cached.name}-{os.getpid()}")
+        if cached.exists():
+            cached.rename(old)
+        staging.rename(cached)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(checkpoint)
+        _link_into_output(cached, checkpoint)
+    distributed.barrier()  # no rank reads the stage's checkpoint while it turns into a link
+    return checkpoint
