@@ -184,7 +184,9 @@ def terminal_table(groups: dict[str, list], columns: list[tuple[str, str]], titl
     caption = "; ".join([f"{header}: {key}" for key, header in columns if header != key]
                         + ["mean ± std over seeds; blank: not logged"])
     table = Table(title=Text(title), box=box.SIMPLE_HEAD, caption=Text(caption), caption_justify="left")
-    table.add_column("method (stage:run swept values)", overflow="fold", ratio=1)
+    # a label stays on one line up to 20 characters: with four metric columns the table keeps to 100
+    table.add_column("method (stage:run swept values)", overflow="fold", ratio=1,
+                     min_width=min(20, max((len(label) for label in groups), default=10)))
     table.add_column("seeds", justify="right", no_wrap=True)
     for _, header in columns:
         table.add_column(header, justify="right", overflow="fold")

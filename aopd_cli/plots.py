@@ -12,6 +12,8 @@ legend says over how many seeds a line is averaged (the band is ± one std).
 
 from __future__ import annotations
 
+import textwrap
+
 import statistics
 from collections import defaultdict
 from itertools import cycle
@@ -73,8 +75,14 @@ def _note(ax, text: str, where: str = "legend") -> None:
     placed where it hides no data)."""
     if where == "center":
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="#555555")
-    else:
-        ax.plot([], [], " ", label=text)
+    else:  # wrapped: a long list of runs would push the legend, and the plot, off the figure
+        ax.plot([], [], " ", label=textwrap.fill(text, 60))
+
+
+def _listed(names: list[str], most: int = 4) -> str:
+    """`a, b, c and 5 more`: runs named in a note, a few of them."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 def _rate_axis(ax) -> None:
@@ -147,13 +155,13 @@ def line_plot(curves: dict, path: Path, title: str, ylabel: str, rate: bool, met
         line, = ax.plot(steps, means, linestyle=style, marker=marker, markersize=4 if twin is None else 8,
                         fillstyle="full" if twin is None else "none", label=name, clip_on=False)
         if seeds > 1:
-            ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                            color=line.get_color(), alpha=0.15)
+            low, high = [max(0.0, m - s) for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)  # none of these goes below 0
         drawn[label] = (steps, means)
     if not drawn:
         _note(ax, f"no run logged {metric}", "center")
     elif missing:
-        _note(ax, f"not logged (not drawn): {', '.join(missing)}")
+        _note(ax, f"not logged (not drawn): {_listed(missing)}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if rate:
         _rate_axis(ax)
@@ -193,7 +201,7 @@ def advantage_histogram(samples: dict, path: Path, title: str) -> Path:
     if not drawn:
         _note(ax, "no run logged advantages.npy", "center")
     elif missing:
-        _note(ax, f"no advantages logged (not drawn): {', '.join(missing)}")
+        _note(ax, f"no advantages logged (not drawn): {_listed(missing)}")
     ax.axvline(0, color="black", lw=0.8)
     if drawn:
         ax.set_yscale("log")  # the mass sits near 0; the tails are what tell the objectives apart

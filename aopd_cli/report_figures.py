@@ -29,7 +29,7 @@ def _curves(ax, client, sweep: Sweep, block: str, key: str) -> None:
         color = COLORS.get(method)
         ax.plot(steps, mean, label=f"{method} (n={len(sweep.runs(stage))})", color=color,
                 marker="o" if len(steps) < 15 else None, ms=3)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+        ax.fill_between(steps, [max(0.0, m - s) for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=color, alpha=0.15)
 
 
@@ -118,7 +118,7 @@ def ablation_bars(client, name: str, sweep: Sweep, out: Path) -> list[Path]:
             steps, mean, std = curve(client, sweep.runs(source), names.pass_at(MATH_BENCH, 1)) if source else ([], [], [])
             if steps:
                 ax.plot(steps, mean, label=label.replace("objective.", ""))
-                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                ax.fill_between(steps, [max(0.0, m - s) for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 alpha=0.15)
         ax.set(title="Pass@1 during AOPD for each top-K", xlabel="optimizer step", ylabel="Pass@1")
         written.append(_finish(fig, out / "ablation_topk_curves.png"))
