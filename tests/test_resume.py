@@ -96,11 +96,13 @@ def test_resume_never_keeps_the_old_folder_and_a_busy_folder_is_refused(tmp_path
     archived = list(tmp_path.glob("out.archived-*"))
     assert len(archived) == 1 and (archived[0] / "checkpoint/config.json").is_file()
     assert len(runs_of(tmp_path)[1]) == 2
-    process = start_aopd(*distill_args(tiny_checkpoint, "busy", "train.steps=20"), cwd=tmp_path, cache=lab_cache,
+    # a run far too long to finish while the second one starts (20 steps did, on a loaded machine)
+    process = start_aopd(*distill_args(tiny_checkpoint, "busy", "train.steps=5000"), cwd=tmp_path, cache=lab_cache,
                          log=tmp_path / "log")
     try:
-        wait_for(lambda: "steps 1-20" in (tmp_path / "log").read_text() or process.poll() is not None, what="start")
-        second = run_aopd(*distill_args(tiny_checkpoint, "busy", "train.steps=20"), cwd=tmp_path, cache=lab_cache)
+        wait_for(lambda: "steps 1-5000" in (tmp_path / "log").read_text() or process.poll() is not None, what="start")
+        assert process.poll() is None, (tmp_path / "log").read_text()[-2000:]
+        second = run_aopd(*distill_args(tiny_checkpoint, "busy", "train.steps=5000"), cwd=tmp_path, cache=lab_cache)
         assert second.returncode == 1 and f"is in use by pid {process.pid}" in second.stderr
     finally:
         os.killpg(process.pid, signal.SIGKILL)

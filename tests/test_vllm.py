@@ -23,6 +23,8 @@ from aopd_cli.errors import UserError
 from aopd_cli.rollout import RolloutBatch, make_rollout
 from helpers import run_aopd
 
+pytestmark = pytest.mark.slow  # real engines and servers: minutes (left out of `make test-quick`)
+
 K = 8
 STUDENT = LabArch(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)
 TEACHER = LabArch(hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, head_dim=32, intermediate_size=192)
