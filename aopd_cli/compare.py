@@ -212,7 +212,10 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
     groups = dict(sorted(groups.items(), key=lambda kv: (order[kv[1][0].data.tags["stage"]], kv[0])))
     keys = sorted({k for r in runs for k in r.data.metrics if names.is_final(k)} | set(metrics))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # one line naming the folder, not a traceback
+        raise UserError(f"--out {out_dir}: cannot create it ({err.strerror})") from None
     _write_tables(groups, keys, out)
     terminal = Console()
     console = Console(width=min(TABLE_WIDTH, terminal.width) if terminal.is_terminal else TABLE_WIDTH)
