@@ -120,7 +120,8 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     from aopd_cli.progress import say
     from aopd_cli.stages import run_stage
     from aopd_cli.stages.common import output_lock
-    from aopd_cli.tracking import NullTracker, closing, resume_run, runs_link, start_run, table_columns
+    from aopd_cli.runs_view import runs_link, table_columns
+    from aopd_cli.tracking import NullTracker, closing, resume_run, start_run
 
     dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
     console = Console()

@@ -111,7 +111,8 @@ def run_sweep(plan: SweepPlan) -> None:
     from aopd_cli.interrupts import Interrupted
     from aopd_cli.pipeline import run_pipeline
     from aopd_cli.stages import run_stage
-    from aopd_cli.tracking import find_runs, resume_run, runs_link, start_run, table_columns
+    from aopd_cli.runs_view import runs_link, table_columns
+    from aopd_cli.tracking import find_runs, resume_run, start_run
 
     console = Console()
     experiment, uri = plan.tracking.experiment, plan.tracking.uri

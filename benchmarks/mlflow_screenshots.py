@@ -3,7 +3,7 @@ pipeline) in a store, runs named by method and swept value with param and metric
 compare-runs page of its distillation runs. A copy of the store is served by `mlflow ui` on loopback and
 photographed by headless Chromium (Debian's `chromium`), driven by playwright-core from npm (installed on
 first use under ~/.cache/aopd/playwright; the browser steps are in benchmarks/mlflow_screenshots.js).
-The runs table opens as aopd's closing link opens it: a shared view of the experiment (tracking.runs_view).
+The runs table opens as aopd's closing link opens it: a shared view of the experiment (runs_view.runs_view).
 
     python benchmarks/mlflow_screenshots.py --store mlflow.db   # writes docs/mlflow-runs.png, docs/mlflow-compare.png
 """
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aopd_cli import metrics as names  # noqa: E402 - after the path that finds it when run from anywhere
-from aopd_cli.tracking import UI_VIEW, connect, find_runs, runs_view  # noqa: E402
+from aopd_cli.runs_view import UI_VIEW, runs_view  # noqa: E402
+from aopd_cli.tracking import connect, find_runs  # noqa: E402
 
 PLAYWRIGHT = Path.home() / ".cache" / "aopd" / "playwright"
 PLAYWRIGHT_VERSION = "1.65.1"

@@ -233,7 +233,7 @@ def finish(session: Session, result) -> None:
         say(f"{session.config.stage} done: {session.out_dir}"
             + (f" (MLflow run {session.tracker.run_id})" if session.tracker.run_id else ""))
         if session.tracker.run_id and session.parent_run_id is None:
-            from aopd_cli.tracking import runs_link, table_columns
+            from aopd_cli.runs_view import runs_link, table_columns
 
             link = runs_link(session.config.tracking, table_columns([session.config]),
                              f"tags.stage = '{session.config.stage}'")
