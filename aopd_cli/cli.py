@@ -47,8 +47,7 @@ def refusals():
     traceback (under torchrun, the line names the rank)."""
     import os
 
-    from aopd_cli.errors import ConfigError, UserError
-    from aopd_cli.interrupts import Interrupted
+    from aopd_cli.errors import ConfigError, Interrupted, UserError
 
     try:
         yield
@@ -70,7 +69,7 @@ def _load(stage: str, overrides: list[str] | None):
 
 def _relaunch(command: str, overrides: list[str] | None, nproc: int) -> None:
     """Start the same command under torchrun (once the config was checked here)."""
-    from aopd_cli.distributed import launched_by_torchrun, relaunch_under_torchrun
+    from aopd_cli.training.distributed import launched_by_torchrun, relaunch_under_torchrun
 
     if nproc > 1 and not launched_by_torchrun():
         relaunch_under_torchrun(nproc, [command, *(overrides or [])])
@@ -80,8 +79,8 @@ def _run(stage: str, overrides: list[str] | None, nproc: int = 1) -> None:
     with refusals():
         config = _load(stage, overrides)
         _relaunch(stage, overrides, nproc)
-        from aopd_cli import distributed
-        from aopd_cli.stages import run_stage
+        from aopd_cli.stages.runner import run_stage
+        from aopd_cli.training import distributed
 
         try:
             run_stage(config)
@@ -141,8 +140,8 @@ def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = N
 
     An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage.
     Rerunning the same command skips the stages that finished and resumes the interrupted one."""
-    from aopd_cli import distributed
-    from aopd_cli.pipeline import plan_pipeline, run_pipeline
+    from aopd_cli.experiment.pipeline import plan_pipeline, run_pipeline
+    from aopd_cli.training import distributed
 
     with refusals():
         plan = plan_pipeline(list(overrides or []))
@@ -166,7 +165,7 @@ def sweep(
     overrides: Optional[list[str]] = OVERRIDES,
 ) -> None:
     """Run a grid of configurations (times seeds), one MLflow child run each; re-running resumes."""
-    from aopd_cli.sweep import plan_sweep, run_sweep
+    from aopd_cli.experiment.sweep import plan_sweep, run_sweep
 
     with refusals():
         run_sweep(plan_sweep(stage, list(param), seeds, list(overrides or [])))
@@ -189,7 +188,7 @@ def compare(
                                "of the latest sweep or pipeline)"),
 ) -> None:
     """Table and plots across runs (MLflow is the store): mean ± std over the seeds of each configuration."""
-    from aopd_cli.compare import run_compare
+    from aopd_cli.results.compare import run_compare
 
     with refusals():
         run_compare(experiment=experiment, parent=parent, metrics=list(metric), out_dir=out, tracking_uri=tracking_uri,
@@ -205,7 +204,7 @@ def report(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: ./mlflow.db)"),
 ) -> None:
     """The lab report (tables, figures, verdicts on the paper's claims) from a lab_full sweep's runs."""
-    from aopd_cli.report import write_report
+    from aopd_cli.results.report import write_report
 
     with refusals():
         parents = dict(a.partition("=")[::2] for a in ablation)
@@ -229,12 +228,12 @@ def show(
     """The resolved, validated config: a summary (per stage for a pipeline), --full for the YAML."""
     with refusals():
         if stage == "pipeline":
-            from aopd_cli.pipeline import plan_pipeline
-            from aopd_cli.summary import show_pipeline
+            from aopd_cli.config.summary import show_pipeline
+            from aopd_cli.experiment.pipeline import plan_pipeline
 
             sys.stdout.write(show_pipeline(plan_pipeline(list(overrides or [])), full))
             return
-        from aopd_cli.summary import show_stage
+        from aopd_cli.config.summary import show_stage
 
         sys.stdout.write(show_stage(_load(stage, overrides), stage, full))
 
@@ -246,7 +245,7 @@ def show(
     "aopd ls objective"))
 def list_options(group: Optional[str] = typer.Argument(None, help="a recipe group, a stage, or experiments")) -> None:
     """Experiments and recipe options; with GROUP, each option's keys, values, types and ranges."""
-    from aopd_cli.discover import list_all, list_group
+    from aopd_cli.config.catalog import list_all, list_group
 
     with refusals():
         sys.stdout.write(list_group(group) if group else list_all())
@@ -259,8 +258,8 @@ def plan(
     gpu_memory: float = typer.Option(80.0, "--gpu-memory", min=1.0, help="memory of one GPU, GiB"),
 ) -> None:
     """Estimated peak memory per GPU of each stage of an experiment: does it fit, and what to change."""
-    from aopd_cli.pipeline import plan_pipeline
-    from aopd_cli.plan import plan_experiment, render
+    from aopd_cli.experiment.pipeline import plan_pipeline
+    from aopd_cli.plan.estimate import plan_experiment, render
 
     with refusals():
         stages = plan_experiment(plan_pipeline(list(overrides or [])), gpus, gpu_memory)
@@ -276,7 +275,7 @@ def sync(
     import json
     from pathlib import Path
 
-    from aopd_cli.tracking import sync as send
+    from aopd_cli.tracking.store import sync as send
 
     with refusals():
         record = Path(output_dir) / "aopd_run.json"

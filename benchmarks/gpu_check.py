@@ -15,11 +15,12 @@ import time
 
 import torch
 
-from aopd_cli import distributed as dist
 from aopd_cli.config.schema import TrainConfig
-from aopd_cli.engine import MicroBatch, Policy, make_optimizer, update
-from aopd_cli.objectives import TeacherTopK, aopd_loss
-from aopd_cli.plan import GIB, Shape, student_training
+from aopd_cli.plan.estimate import GIB, Shape, student_training
+from aopd_cli.training import distributed as dist
+from aopd_cli.training.models import Policy
+from aopd_cli.training.objectives import TeacherTopK, aopd_loss
+from aopd_cli.training.update import MicroBatch, make_optimizer, update
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM
 

@@ -6,7 +6,8 @@
 import random
 import time
 
-from aopd_cli.eval import grade_math, grade_tool_calls
+from aopd_cli.eval.math import grade_math
+from aopd_cli.eval.tools import grade_tool_calls
 
 rng = random.Random(0)
 TEMPLATES = [

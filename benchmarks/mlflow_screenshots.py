@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aopd_cli import metrics as names  # noqa: E402 - after the path that finds it when run from anywhere
-from aopd_cli.runs_view import UI_VIEW, runs_view  # noqa: E402
-from aopd_cli.tracking import connect, find_runs  # noqa: E402
+from aopd_cli.tracking.runs_view import UI_VIEW, runs_view
+from aopd_cli.tracking.store import connect, find_runs
 
 PLAYWRIGHT = Path.home() / ".cache" / "aopd" / "playwright"
 PLAYWRIGHT_VERSION = "1.65.1"

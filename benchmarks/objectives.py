@@ -22,7 +22,7 @@ def rss_kib(field: str) -> int:
 def measure(variant: str, tokens: int, vocab: int, hidden: int, top_k: int, repeats: int) -> dict:
     import torch
 
-    from aopd_cli.objectives import LMHead, TeacherTopK, aopd_loss
+    from aopd_cli.training.objectives import LMHead, TeacherTopK, aopd_loss
 
     torch.manual_seed(0)
     hidden_BTH = torch.randn(1, tokens, hidden) / hidden**0.5

@@ -27,10 +27,11 @@ KV_GIB = 0.5
 
 def checkpoint(root: Path, name: str) -> Path:
     """The model saved like any checkpoint (the server and the vLLM scorer load from a folder)."""
+    from transformers import AutoTokenizer
+
     from aopd_cli.config.schema import LabArch
     from aopd_cli.data.lab import ensure_lab
-    from aopd_cli.engine import _fresh_lab_model
-    from transformers import AutoTokenizer
+    from aopd_cli.training.models import _fresh_lab_model
 
     folder = root / name
     if not (folder / "config.json").is_file():
@@ -50,8 +51,8 @@ def prompts(tokenizer, count: int) -> list[list[int]]:
 
 def measure_generate(engine: str, folder: Path, args) -> dict:
     from aopd_cli.config.schema import ModelConfig, RolloutConfig
-    from aopd_cli.engine import load_policy
-    from aopd_cli.rollout import make_rollout
+    from aopd_cli.rollout.engines import make_rollout
+    from aopd_cli.training.models import load_policy
 
     policy = load_policy(ModelConfig(path=str(folder)), role="student", trainable=engine == "vllm")
     started = time.perf_counter()
@@ -81,8 +82,8 @@ def scoring_batch(tokenizer, args):
     """`args.sequences` chat prompts, each with `args.new_tokens` random response tokens (all counted)."""
     import torch
 
-    from aopd_cli.rollout import RolloutBatch, left_pad, right_pad
-    from aopd_cli.stages.common import rollout_micro_batches
+    from aopd_cli.rollout.interface import RolloutBatch, left_pad, right_pad
+    from aopd_cli.stages.onpolicy import rollout_micro_batches
 
     generator = torch.Generator().manual_seed(0)
     chats = prompts(tokenizer, args.sequences)
@@ -97,8 +98,8 @@ def measure_scoring(engine: str, folder: Path, args) -> dict:
     from contextlib import ExitStack
 
     from aopd_cli.config.schema import ModelConfig, TeacherConfig
-    from aopd_cli.engine import load_policy
-    from aopd_cli.scoring import teacher_scorer
+    from aopd_cli.teacher.scorers import teacher_scorer
+    from aopd_cli.training.models import load_policy
 
     student = load_policy(ModelConfig(path=str(folder)), role="student")
     config = TeacherConfig(path=str(folder), engine=engine, kv_cache_gib=KV_GIB, max_model_len=512)

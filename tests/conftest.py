@@ -33,7 +33,7 @@ def lab_tokenizer(lab_cache):
 def tiny_checkpoint(lab_cache, tmp_path_factory):
     """A lab student warmed up for a few steps: student and teacher of the resume and distributed tests."""
     from aopd_cli.config.compose import load_stage_config
-    from aopd_cli.stages import run_stage
+    from aopd_cli.stages.runner import run_stage
 
     out = tmp_path_factory.mktemp("tiny") / "warmup"
     config = load_stage_config("warmup", ["student=lab_student", "train.steps=3", "train.batch_size=8",

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import distill_args, run_aopd
 
 pytestmark = pytest.mark.slow
@@ -60,7 +59,7 @@ def test_bad_sweep_grammar_is_refused(tmp_path):
 def test_no_room_on_disk_is_caught_before_the_run(tiny_checkpoint, tmp_path, monkeypatch):
     import collections
 
-    import aopd_cli.preflight as preflight
+    import aopd_cli.stages.preflight as preflight
     from aopd_cli.config.compose import load_stage_config
     from aopd_cli.errors import UserError
 
@@ -83,7 +82,7 @@ def test_a_truncated_cached_warmup_is_rebuilt(tmp_path, lab_cache):
     weights.write_bytes(weights.read_bytes()[:500])
     second = run_aopd(*args, "output_dir=two", cwd=tmp_path, cache=lab_cache)
     assert second.returncode == 0 and "reusing the cached" not in second.stdout
-    from aopd_cli.checkpoints import checkpoint_problem
+    from aopd_cli.training.checkpoints import checkpoint_problem
 
     assert checkpoint_problem(cached) is None  # rebuilt in place
     third = run_aopd(*args, "output_dir=three", cwd=tmp_path, cache=lab_cache)

@@ -8,9 +8,9 @@ import csv
 import pytest
 
 from aopd_cli import metrics as names
-from aopd_cli import plots
-from aopd_cli.compare import group_runs, run_compare, select_runs
-from aopd_cli.tracking import connect, find_runs
+from aopd_cli.results import plots
+from aopd_cli.results.compare import group_runs, run_compare, select_runs
+from aopd_cli.tracking.store import connect, find_runs
 
 PASS1, TOOL = names.pass_at("lab_math", 1), names.tool("lab_tools", "success")
 BASE = {"stage": "distill", "objective.name": "aopd", "objective.tau": "0.0", "train.steps": "3", "train.lr": "0.0005",

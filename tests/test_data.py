@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from aopd_cli.data import load_records
+from aopd_cli.data.loaders import load_records
 from aopd_cli.data.prompts import sft_example, tool_messages, tool_sft_messages
 from aopd_cli.errors import UserError
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_aopd
 
 from aopd_cli.config.compose import load_stage_config
 from aopd_cli.config.paths import looks_local, missing_inputs
 from aopd_cli.errors import ConfigError
-from helpers import run_aopd
 
 
 def test_ls_lists_experiments_with_descriptions_and_every_group(tmp_path):
@@ -41,8 +41,8 @@ def test_help_shows_groups_keys_and_two_examples(tmp_path, command):
 
 
 def test_pipeline_summary_is_one_screen_and_full_is_the_yaml(tmp_path, monkeypatch):
-    from aopd_cli.pipeline import plan_pipeline
-    from aopd_cli.summary import show_pipeline
+    from aopd_cli.config.summary import show_pipeline
+    from aopd_cli.experiment.pipeline import plan_pipeline
 
     monkeypatch.chdir(tmp_path)
     plan = plan_pipeline(["experiment=paper_8b_3k"])
@@ -64,8 +64,8 @@ def test_a_missing_data_file_exits_2_naming_it_and_writes_nothing(tmp_path):
 
 
 def test_a_pipeline_does_not_miss_the_checkpoints_its_own_stages_write(tmp_path, monkeypatch):
-    from aopd_cli.pipeline import plan_pipeline
-    from aopd_cli.summary import show_pipeline
+    from aopd_cli.config.summary import show_pipeline
+    from aopd_cli.experiment.pipeline import plan_pipeline
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AOPD_CACHE", str(tmp_path / "empty-cache"))  # no warm-up is cached yet

@@ -7,7 +7,6 @@
 """
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from aopd_cli.tracking import connect
 from helpers import distill_args, run_aopd, start_aopd, wait_for
+
+from aopd_cli.tracking.store import connect
 
 pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parent / "scripts"

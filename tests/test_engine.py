@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from aopd_cli.config.schema import LabArch, ModelConfig, TrainConfig
-from aopd_cli.checkpoints import load_training_state, save_final as save_checkpoint
-from aopd_cli.engine import MicroBatch, check_compatible, load_policy, make_optimizer, update
 from aopd_cli.errors import UserError
-from aopd_cli.objectives import global_normalizer, seqkd_loss
-from aopd_cli.rollout import make_rollout, mask_through_first_stop
-from aopd_cli.scoring import hf_scorer
+from aopd_cli.rollout.engines import make_rollout
+from aopd_cli.rollout.interface import mask_through_first_stop
+from aopd_cli.teacher.scorers import hf_scorer
+from aopd_cli.training.checkpoints import load_training_state
+from aopd_cli.training.checkpoints import save_final as save_checkpoint
+from aopd_cli.training.models import check_compatible, load_policy
+from aopd_cli.training.objectives import global_normalizer, seqkd_loss
+from aopd_cli.training.update import MicroBatch, make_optimizer, update
 
 TINY = ModelConfig(arch=LabArch(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
                                 intermediate_size=64))
@@ -44,8 +47,8 @@ def test_a_killed_save_never_leaves_a_partial_checkpoint_in_place(policy, tmp_pa
     script = textwrap.dedent(f"""
         import os, torch
         from aopd_cli.config.schema import ModelConfig
-        from aopd_cli.checkpoints import save_final as save_checkpoint
-        from aopd_cli.engine import load_policy
+        from aopd_cli.training.checkpoints import save_final as save_checkpoint
+        from aopd_cli.training.models import load_policy
         policy = load_policy(ModelConfig(path={str(target)!r}), role="student", device=torch.device("cpu"))
         torch.save = lambda *a, **k: os.kill(os.getpid(), 9)  # die in the middle of writing
         save_checkpoint(policy, {str(target)!r}, config_yaml="second\\n", step=2)
@@ -151,7 +154,7 @@ def test_long_examples_are_truncated_or_dropped_and_counted():
 
 
 def test_token_budget_micro_batches_group_similar_lengths_and_trim_padding():
-    from aopd_cli.stages.common import micro_batches
+    from aopd_cli.training.batches import micro_batches
 
     lengths = [3, 9, 4, 8]
     ids = torch.zeros(4, 10, dtype=torch.long)

@@ -8,7 +8,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def _case(tokens, vocab, hidden, top_k, dtype):
-    from aopd_cli.objectives import TeacherTopK
+    from aopd_cli.training.objectives import TeacherTopK
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden_BTH = (torch.randn(1, tokens, hidden, device="cuda", generator=gen) / hidden**0.5).to(dtype)
@@ -21,7 +21,7 @@ def _case(tokens, vocab, hidden, top_k, dtype):
 
 
 def test_lmhead_matches_logits_path_in_bf16_on_cuda():
-    from aopd_cli.objectives import LMHead, aopd_loss
+    from aopd_cli.training.objectives import LMHead, aopd_loss
 
     h, w, tok, mask, teacher = _case(2048, 32768, 512, 32, torch.bfloat16)
     h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
@@ -38,7 +38,7 @@ def test_lmhead_matches_logits_path_in_bf16_on_cuda():
 def _measure(student_of, h, w, tok, mask, teacher):
     import time
 
-    from aopd_cli.objectives import aopd_loss
+    from aopd_cli.training.objectives import aopd_loss
 
     for _ in range(2):  # the second run is measured (the first pays allocator and kernel warm-up)
         torch.cuda.synchronize()
@@ -55,7 +55,7 @@ def _measure(student_of, h, w, tok, mask, teacher):
 
 def test_lmhead_memory_and_time_at_qwen3_vocabulary():
     """8,192 tokens, V = 151,936, H = 4,096 (Qwen3-8B's head), bf16: time and peak memory, printed."""
-    from aopd_cli.objectives import LMHead
+    from aopd_cli.training.objectives import LMHead
 
     h, w, tok, mask, teacher = _case(8192, 151936, 4096, 32, torch.bfloat16)
     h.requires_grad_(True)
@@ -75,7 +75,7 @@ def test_lab_distillation_runs_in_bf16_on_cuda(tmp_path, monkeypatch):
     monkeypatch.setenv("AOPD_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     from aopd_cli.config.compose import load_stage_config
-    from aopd_cli.stages import run_stage
+    from aopd_cli.stages.runner import run_stage
 
     common = ["tracking.enabled=false", "eval.limit=8", "eval.n=2", "eval.k=[1,2]", "train.batch_size=16",
               "train.micro_batch_size=8"]
@@ -88,7 +88,7 @@ def test_lab_distillation_runs_in_bf16_on_cuda(tmp_path, monkeypatch):
         checkpoint = run_stage(config)
         assert (checkpoint / "model.safetensors").is_file()
     from aopd_cli.config.schema import ModelConfig
-    from aopd_cli.engine import load_policy
+    from aopd_cli.training.models import load_policy
 
     policy = load_policy(ModelConfig(path=str(checkpoint)), role="student")
     assert policy.device.type == "cuda" and next(policy.model.parameters()).dtype == torch.bfloat16

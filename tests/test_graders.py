@@ -5,7 +5,8 @@ from math import comb
 
 import pytest
 
-from aopd_cli.eval import grade_math, grade_tool_calls, pass_at_k
+from aopd_cli.eval.math import grade_math, pass_at_k
+from aopd_cli.eval.tools import grade_tool_calls
 
 
 @pytest.mark.parametrize("response, gold", [

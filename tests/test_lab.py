@@ -6,16 +6,15 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from helpers import distill_args, run_aopd
 
 from aopd_cli import metrics as names
 from aopd_cli.config.schema import EvalConfig
-from aopd_cli.data import load_records
+from aopd_cli.data.loaders import load_records
 from aopd_cli.data.prompts import tool_sft_messages, tool_turns
-from aopd_cli.eval import grade_turn
 from aopd_cli.eval.harness import evaluate_policy, run_episodes
-from aopd_cli.eval.tools import STUB_OBSERVATION, grade_episode
-from aopd_cli.rollout import RolloutBatch, left_pad, mask_through_first_stop, right_pad
-from helpers import distill_args, run_aopd
+from aopd_cli.eval.tools import STUB_OBSERVATION, grade_episode, grade_turn
+from aopd_cli.rollout.interface import RolloutBatch, left_pad, mask_through_first_stop, right_pad
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -189,7 +188,7 @@ def test_lab_full_smoke_runs_every_method_and_the_report(tmp_path, lab_cache):
 
 # ---------------------------------------------------------------- intervention by accuracy (method.md)
 def test_a_response_without_boxed_is_wrong_for_the_accuracy_gate():
-    from aopd_cli.eval import grade_math
+    from aopd_cli.eval.math import grade_math
 
     assert grade_math("so the answer is 12", "12")  # evaluation still reads an unboxed final answer
     assert not grade_math("so the answer is 12", "12", require_boxed=True)  # a truncated response counts as wrong

@@ -11,7 +11,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from helpers import run_aopd
 from test_tracking import free_port, start_server, stop_server
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aopd_cli.objectives import (
+from aopd_cli.training.objectives import (
     LMHead,
     TeacherTopK,
     aopd_loss,

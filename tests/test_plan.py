@@ -1,10 +1,10 @@
 """`aopd plan`: model shapes and the memory estimate of the paper's experiments on 8 GPUs."""
 
 import pytest
-
-from aopd_cli.pipeline import plan_pipeline
-from aopd_cli.plan import GIB, QWEN3, Shape, plan_experiment, render
 from helpers import run_aopd
+
+from aopd_cli.experiment.pipeline import plan_pipeline
+from aopd_cli.plan.estimate import GIB, QWEN3, Shape, plan_experiment, render
 
 
 def test_known_shapes_give_the_published_parameter_counts():

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from aopd_cli import metrics as names
-from aopd_cli.plots import _table2, table2_data
+from aopd_cli.results.plots import _table2, table2_data
 
 
 def fake_run(metrics: dict, stage: str = "continual"):

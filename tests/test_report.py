@@ -3,8 +3,9 @@
 from types import SimpleNamespace
 
 from aopd_cli import metrics as names
-from aopd_cli.report import Sweep, fmt
-from aopd_cli.report_claims import _c6, claims
+from aopd_cli.results.claims import _c6, claims
+from aopd_cli.results.lab_runs import Sweep
+from aopd_cli.results.report import fmt
 
 PASS1, PASS4 = names.pass_at(names.MATH_AVG, 1), names.pass_at(names.MATH_AVG, 4)
 

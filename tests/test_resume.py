@@ -8,10 +8,10 @@ import signal
 
 import pytest
 import torch
+from helpers import distill_args, run_aopd, start_aopd, wait_for
 from safetensors.torch import load_file
 
-from aopd_cli.tracking import connect
-from helpers import distill_args, run_aopd, start_aopd, wait_for
+from aopd_cli.tracking.store import connect
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def test_resume_never_keeps_the_old_folder_and_a_busy_folder_is_refused(tmp_path
     # the dead process's lock is stale: the next run takes it over, and marks nothing twice
     stale = run_aopd(*distill_args(tiny_checkpoint, "busy", "train.steps=20", "resume=never"), cwd=tmp_path,
                      cache=lab_cache)
-    assert stale.returncode == 0 and f"taking over" in stale.stdout and f"pid {process.pid}" in stale.stdout
+    assert stale.returncode == 0 and "taking over" in stale.stdout and f"pid {process.pid}" in stale.stdout
 
 
 def test_keep_last_and_leftovers(tmp_path, tiny_checkpoint, lab_cache):
@@ -133,7 +133,7 @@ def test_non_finite_teacher_scores_skip_steps_then_stop(tmp_path, tiny_checkpoin
     import aopd_cli.stages.onpolicy as onpolicy
     from aopd_cli.config.compose import load_stage_config
     from aopd_cli.errors import UserError
-    from aopd_cli.stages import run_stage
+    from aopd_cli.stages.runner import run_stage
 
     real_scorer, calls = onpolicy.hf_scorer, []
 

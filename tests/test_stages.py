@@ -1,9 +1,9 @@
 """The stages end to end on the lab: `aopd pipeline experiment=lab_smoke` as a user runs it."""
 
 import pytest
-
-from aopd_cli.tracking import connect
 from helpers import run_aopd
+
+from aopd_cli.tracking.store import connect
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_second_run_reuses_the_cached_warmups(smoke, lab_cache):
 
 
 def test_tracking_overrides_reach_shared_stages_and_the_parent_run(lab_cache):
-    from aopd_cli.pipeline import plan_pipeline
+    from aopd_cli.experiment.pipeline import plan_pipeline
 
     plan = plan_pipeline(["experiment=lab_smoke", "tracking.enabled=false", "seed=3"])
     assert all(not config.tracking.enabled for config in plan.configs.values())
@@ -121,9 +121,9 @@ def test_mismatched_teacher_vocabulary_is_refused_before_training(smoke, lab_cac
 @pytest.mark.slow
 def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tmp_path, monkeypatch):
     import aopd_cli.stages.onpolicy as onpolicy
-    from aopd_cli.stages import run_stage
     from aopd_cli.config.compose import load_stage_config
-    from aopd_cli.rollout import Rollout
+    from aopd_cli.rollout.interface import Rollout
+    from aopd_cli.stages.runner import run_stage
 
     teacher = next((lab_cache / "checkpoints").glob("warmup-*"))
     calls = []

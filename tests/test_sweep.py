@@ -4,11 +4,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_aopd
 
 from aopd_cli.config.compose import ConfigError
-from aopd_cli.sweep import expand, plan_sweep
-from aopd_cli.tracking import connect
-from helpers import run_aopd
+from aopd_cli.experiment.sweep import expand, plan_sweep
+from aopd_cli.tracking.store import connect
 
 
 def test_grid_expansion_with_aliases_and_hydra_sweep_grammar():

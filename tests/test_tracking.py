@@ -12,7 +12,7 @@ import pytest
 
 from aopd_cli.config.schema import TrackingConfig
 from aopd_cli.errors import UserError
-from aopd_cli.tracking import connect, start_run
+from aopd_cli.tracking.store import connect, start_run
 
 
 def free_port() -> int:

@@ -17,11 +17,12 @@ import uuid
 
 import pytest
 import torch
+from helpers import run_aopd
 
 from aopd_cli.config.schema import LabArch, ModelConfig, RolloutConfig, TeacherConfig
 from aopd_cli.errors import UserError
-from aopd_cli.rollout import RolloutBatch, make_rollout
-from helpers import run_aopd
+from aopd_cli.rollout.engines import make_rollout
+from aopd_cli.rollout.interface import RolloutBatch
 
 pytestmark = pytest.mark.slow  # real engines and servers: minutes (left out of `make test-quick`)
 
@@ -41,7 +42,7 @@ def vllm_installed():
 
 def _checkpoint(folder, arch, tokenizer, seed, scale=3.0, generation=None):
     """A lab-tokenizer Qwen3 with peaked distributions (ties are rare), saved like any checkpoint."""
-    from aopd_cli.engine import _fresh_lab_model
+    from aopd_cli.training.models import _fresh_lab_model
 
     model = _fresh_lab_model(arch, tokenizer, seed)
     with torch.no_grad():
@@ -65,7 +66,7 @@ def models(tmp_path_factory, lab_tokenizer):
 
 @pytest.fixture(scope="module")
 def student(models):
-    from aopd_cli.engine import load_policy
+    from aopd_cli.training.models import load_policy
 
     return load_policy(ModelConfig(path=str(models[0])), role="student", trainable=True)
 
@@ -88,9 +89,9 @@ def _prompts(tokenizer):
 @torch.no_grad()
 def _trainer_logprobs(policy, batch: RolloutBatch) -> torch.Tensor:
     """The trainer's log-probs of the sampled tokens, through the loss's own path (objective output)."""
-    from aopd_cli.engine import student_head
-    from aopd_cli.objectives import seqkd_loss
-    from aopd_cli.stages.common import rollout_micro_batches
+    from aopd_cli.stages.onpolicy import rollout_micro_batches
+    from aopd_cli.training.objectives import seqkd_loss
+    from aopd_cli.training.update import student_head
 
     micro = rollout_micro_batches(batch, len(batch.prompt_index_B))[0]
     return seqkd_loss(student_head(policy.model, micro), micro.targets_BT, micro.mask_BT).token_logprobs
@@ -163,7 +164,7 @@ def _marked(marker: str) -> list:
 
 @pytest.fixture(scope="module")
 def server(vllm_installed, models, tmp_path_factory):
-    from aopd_cli.teacher_server import running_server, served_model
+    from aopd_cli.teacher.openai_server import running_server, served_model
 
     config = TeacherConfig(path=str(models[1]), engine="server", **SMALL)
     marker = os.environ["AOPD_TEST_MARKER"] = uuid.uuid4().hex  # the server copies the environment at its start
@@ -180,8 +181,8 @@ def server(vllm_installed, models, tmp_path_factory):
 
 
 def _micro_batch(tokenizer):
-    from aopd_cli.rollout import left_pad, mask_through_first_stop, right_pad
-    from aopd_cli.stages.common import rollout_micro_batches
+    from aopd_cli.rollout.interface import left_pad, mask_through_first_stop, right_pad
+    from aopd_cli.stages.onpolicy import rollout_micro_batches
 
     generator = torch.Generator().manual_seed(0)
     prompts = _prompts(tokenizer)
@@ -198,9 +199,9 @@ def _micro_batch(tokenizer):
 @pytest.fixture(scope="module")
 def teacher_scores(vllm_installed, models, server, student):
     """The same micro-batch scored by HF, an in-process vLLM engine and the server."""
-    from aopd_cli.engine import load_policy
     from aopd_cli.rollout.vllm_engine import start_engine
-    from aopd_cli.scoring import hf_scorer, server_scorer, vllm_scorer
+    from aopd_cli.teacher.scorers import hf_scorer, server_scorer, vllm_scorer
+    from aopd_cli.training.models import load_policy
 
     micro = _micro_batch(student.tokenizer)
     teacher = load_policy(ModelConfig(path=str(models[1])), role="teacher")
@@ -214,7 +215,7 @@ def teacher_scores(vllm_installed, models, server, student):
     url, model, config = server
     served = server_scorer(url, model, K, vocabulary, config.model_copy(update={"request_sequences": 2}))(micro)
     with torch.no_grad():
-        from aopd_cli.engine import target_hidden
+        from aopd_cli.training.update import target_hidden
 
         hidden, weight = target_hidden(teacher.model, micro)
         full_logp = torch.log_softmax((hidden @ weight.T).float(), -1)
@@ -235,7 +236,7 @@ def test_teacher_engines_return_the_same_topk(teacher_scores, engine_name):
 
 
 def test_a_server_that_cannot_serve_the_student_is_refused_in_one_line(server, student):
-    from aopd_cli.teacher_server import check_server
+    from aopd_cli.teacher.openai_server import check_server
 
     url, model, _ = server
     check_server(url, model, student.tokenizer, K, 30.0)  # the good case passes
@@ -249,7 +250,7 @@ def test_a_server_that_cannot_serve_the_student_is_refused_in_one_line(server, s
 
 
 def test_server_requests_retry_then_report(monkeypatch):
-    from aopd_cli import teacher_server
+    from aopd_cli.teacher import openai_server as teacher_server
 
     monkeypatch.setattr(teacher_server.time, "sleep", lambda seconds: None)
     with pytest.raises(teacher_server.ServerError) as failed:
@@ -260,7 +261,7 @@ def test_server_requests_retry_then_report(monkeypatch):
 def test_server_processes_stop_with_the_group_and_die_with_their_parent(tmp_path):
     """What `running_server` relies on, on stand-ins: stop_group ends a whole process group, and a
     server whose parent is SIGKILLed gets SIGTERM (PR_SET_PDEATHSIG)."""
-    from aopd_cli.teacher_server import _die_with_parent, stop_group
+    from aopd_cli.teacher.openai_server import _die_with_parent, stop_group
 
     family = [sys.executable, "-c", "import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"]
@@ -272,7 +273,7 @@ def test_server_processes_stop_with_the_group_and_die_with_their_parent(tmp_path
     pid_file = tmp_path / "pid"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess, sys, time
-        from aopd_cli.teacher_server import _die_with_parent
+        from aopd_cli.teacher.openai_server import _die_with_parent
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                                  start_new_session=True, preexec_fn=_die_with_parent)
         open({str(pid_file)!r}, "w").write(str(child.pid))
@@ -305,7 +306,7 @@ def _distill(models, out, *extra):
 
 
 def _history(work, key) -> dict[int, float]:
-    from aopd_cli.tracking import connect
+    from aopd_cli.tracking.store import connect
 
     client = connect(f"sqlite:///{work}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("aopd").experiment_id])[0]
@@ -331,8 +332,8 @@ def test_a_stale_engine_shows_in_the_logged_gap_and_a_started_server_leaves_noth
         import sys
         import aopd_cli.stages.onpolicy as onpolicy
         from aopd_cli.config.compose import load_stage_config
-        from aopd_cli.rollout import Rollout
-        from aopd_cli.stages import run_stage
+        from aopd_cli.rollout.interface import Rollout
+        from aopd_cli.stages.runner import run_stage
 
         real = onpolicy.make_rollout
 
@@ -370,7 +371,7 @@ def test_a_model_vllm_cannot_run_is_refused_before_any_work(vllm_installed, tmp_
 def test_hf_rollouts_sample_at_the_temperature_asked_not_the_checkpoints(tmp_path, lab_tokenizer):
     from transformers import GenerationConfig
 
-    from aopd_cli.engine import load_policy
+    from aopd_cli.training.models import load_policy
 
     defaults = GenerationConfig(do_sample=True, temperature=0.6, top_k=20, top_p=0.95)
     folder = _checkpoint(tmp_path / "gencfg", STUDENT, lab_tokenizer, 3, scale=2.0, generation=defaults)

@@ -90,14 +90,15 @@ def missing_inputs(config, made_upstream: Iterable[Path] = ()) -> list[str]:
     return problems
 
 
+def checkpoint_of(config) -> Path:
+    """Where a stage leaves its checkpoint: its own folder (a reused warm-up is a link to the cache there)."""
+    return Path(config.output_dir) / "checkpoint"
+
+
 def checkpoints_made(config) -> set[Path]:
     """The checkpoint folders a training stage writes (its output's `checkpoint/`, and a cached warm-up's
     cache folder, where `@stage` references point); an eval stage writes none."""
-    if config.stage == "eval":
-        return set()
-    from aopd_cli.pipeline import checkpoint_of
-
-    return {checkpoint_of(config)}
+    return set() if config.stage == "eval" else {checkpoint_of(config)}
 
 
 def plan_missing(configs: dict[str, object]) -> list[str]:

@@ -1,9 +1,6 @@
-"""Graders: math answers (math-verify), pass@k, ToolAlpaca tool calls.
+"""Evaluation: math grading (math-verify) and pass@k (`math.py`), ToolAlpaca tool-call grading (`tools.py`),
+and running benchmarks on a rollout engine (`harness.py`).
+May import: errors, metrics, data, training (distributed).
 
     python -m pytest tests/test_graders.py -q
 """
-
-from aopd_cli.eval.math import extract_boxed, grade_math, pass_at_k
-from aopd_cli.eval.tools import ToolGrade, grade_tool_calls, grade_turn, parse_tool_calls
-
-__all__ = ["extract_boxed", "grade_math", "pass_at_k", "ToolGrade", "grade_tool_calls", "grade_turn", "parse_tool_calls"]

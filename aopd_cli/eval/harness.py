@@ -146,7 +146,7 @@ def print_metrics(title: str, metrics: dict[str, float], eval_cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from aopd_cli.distributed import is_main
+    from aopd_cli.training.distributed import is_main
 
     if not is_main():
         return

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from aopd_cli.distributed import gathered
-from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.training.distributed import gathered
 
 
 def hf_rollout(policy, batch_size: int = 256) -> Rollout:

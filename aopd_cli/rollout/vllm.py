@@ -29,7 +29,7 @@ import tempfile
 import torch
 
 from aopd_cli.progress import say
-from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
 from aopd_cli.rollout.vllm_engine import WORKER_EXTENSION, check_model, kept_rng, named_weights, start_engine
 
 KEY = "rollout=vllm"

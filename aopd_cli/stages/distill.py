@@ -10,8 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.stages.onpolicy import log_advantages, onpolicy_loop, stage_rollouts
-from aopd_cli.stages.onpolicy import prepare  # noqa: F401 - run_stage calls it
+from aopd_cli.stages.onpolicy import (
+    log_advantages,
+    onpolicy_loop,
+    prepare,  # noqa: F401 - run_stage calls it
+    stage_rollouts,
+)
 
 
 def run(config, session, prepared) -> Path:

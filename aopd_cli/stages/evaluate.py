@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def prepare(config):
-    from aopd_cli.engine import load_policy, seed_everything
+    from aopd_cli.training.models import load_policy, seed_everything
 
     seed_everything(config.seed)
     policy = load_policy(config.student, role="student", seed=config.seed)
@@ -20,11 +20,10 @@ def prepare(config):
 
 
 def run(config, session, policy) -> dict[str, float]:
-    from aopd_cli.eval.harness import evaluate_policy, print_metrics, write_samples
-    from aopd_cli.rollout import make_rollout
-
     from aopd_cli.data.loaders import load_records
-    from aopd_cli.stages.common import log_dataset
+    from aopd_cli.eval.harness import evaluate_policy, print_metrics, write_samples
+    from aopd_cli.rollout.engines import make_rollout
+    from aopd_cli.stages.lifecycle import log_dataset
 
     for kind, sources in (("math_benchmark", config.eval.benchmarks), ("tool_eval", config.eval.tool_benchmarks)):
         for source in sources:

@@ -16,17 +16,22 @@ from pathlib import Path
 
 import torch
 
-from aopd_cli import distributed as dist
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_turns
-from aopd_cli.engine import check_compatible, load_policy, seed_everything
 from aopd_cli.errors import UserError
-from aopd_cli.eval import grade_math, grade_turn
-from aopd_cli.objectives import OBJECTIVES, global_normalizer
-from aopd_cli.rollout import Rollout, RolloutBatch, left_pad, make_rollout, mask_through_first_stop, right_pad
-from aopd_cli.scoring import check_teacher, hf_scorer, score_rows, teacher_scorer
-from aopd_cli.stages.common import StepBatch, log_dataset, rollout_micro_batches, sample_indices, train_loop
+from aopd_cli.eval.math import grade_math
+from aopd_cli.eval.tools import grade_turn
+from aopd_cli.rollout.engines import make_rollout
+from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.stages.lifecycle import log_dataset
+from aopd_cli.teacher.scorers import check_teacher, hf_scorer, score_rows, teacher_scorer
+from aopd_cli.training import distributed as dist
+from aopd_cli.training.batches import micro_batches
+from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
+from aopd_cli.training.models import check_compatible, load_policy, seed_everything
+from aopd_cli.training.objectives import OBJECTIVES, global_normalizer
+from aopd_cli.training.update import MicroBatch
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
 
@@ -90,6 +95,13 @@ def stage_rollouts(config, student, teacher):
 
             evaluation = Rollout(generate, evaluation.sync_weights, evaluation.close)
         yield rollout, evaluation
+
+
+def rollout_micro_batches(batch: RolloutBatch, size: int, token_budget: int | None = None) -> list[MicroBatch]:
+    """Prompt + response sequences cut into micro-batches; targets are the response tokens."""
+    ids_BL = torch.cat([batch.prompt_ids_BP, batch.response_ids_BR], dim=1)
+    attn_BL = torch.cat([batch.prompt_mask_BP.long(), batch.response_mask_BR.long()], dim=1)
+    return micro_batches(ids_BL, attn_BL, batch.prompt_ids_BP.shape[1], batch.response_mask_BR, size, token_budget)
 
 
 def objective_loss(objective):
@@ -223,7 +235,7 @@ def log_advantages(tracker, advantages: torch.Tensor, out_dir: Path, objective: 
     """The sample of advantages seen in training: raw (for `aopd compare`) and as a histogram PNG."""
     import numpy as np
 
-    from aopd_cli.plots import advantage_histogram
+    from aopd_cli.results.plots import advantage_histogram
 
     np.save(out_dir / "advantages.npy", advantages.numpy())
     tracker.log_artifact(out_dir / "advantages.npy")

@@ -16,24 +16,28 @@ import shutil
 from pathlib import Path
 
 from aopd_cli import metrics as names
-from aopd_cli.checkpoints import checkpoint_problem
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import sft_example, tool_sft_messages
-from aopd_cli.engine import MicroBatch, load_policy, seed_everything
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
-from aopd_cli.objectives import global_normalizer, seqkd_loss
 from aopd_cli.progress import say
-from aopd_cli.rollout import make_rollout, right_pad
-from aopd_cli.stages.common import StepBatch, log_dataset, micro_batches, sample_indices, train_loop
+from aopd_cli.rollout.engines import make_rollout
+from aopd_cli.rollout.interface import right_pad
+from aopd_cli.stages.lifecycle import log_dataset
+from aopd_cli.training.batches import micro_batches
+from aopd_cli.training.checkpoints import checkpoint_problem
+from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
+from aopd_cli.training.models import load_policy, seed_everything
+from aopd_cli.training.objectives import global_normalizer, seqkd_loss
+from aopd_cli.training.update import MicroBatch
 
 
 def cache_key(config) -> str:
     from aopd_cli import __version__
     from aopd_cli.data.lab import LAB_VERSION
-    from aopd_cli.stages.common import _TRAIN_NOT_IDENTITY
+    from aopd_cli.stages.lifecycle import TRAINNOT_IDENTITY
 
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
-    content["train"] = {k: v for k, v in content["train"].items() if k not in _TRAIN_NOT_IDENTITY}
+    content["train"] = {k: v for k, v in content["train"].items() if k not in TRAINNOT_IDENTITY}
     start = content["student"].get("path")
     if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
         content["student"]["path"] = Path(start).resolve().name
@@ -122,7 +126,7 @@ def run(config, session, prepared) -> Path:
 
 
 def _rank_rows(count: int) -> list[int]:
-    from aopd_cli.distributed import shard_of
+    from aopd_cli.training.distributed import shard_of
 
     return shard_of(list(range(count)))
 
@@ -141,7 +145,7 @@ def _link_into_output(cached: Path, target: Path) -> Path:
 def _store_in_cache(checkpoint: Path, cached: Path) -> Path:
     """Copy into the cache through a per-process name, so two runs storing at once never mix files; the
     stage's checkpoint becomes a link to the cached copy."""
-    from aopd_cli import distributed
+    from aopd_cli.training import distributed
 
     if distributed.is_main():
         staging = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")

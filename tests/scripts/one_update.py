@@ -8,11 +8,12 @@ import sys
 
 import torch
 
-from aopd_cli import distributed as dist
-from aopd_cli.checkpoints import full_state_dict
 from aopd_cli.config.schema import LabArch, ModelConfig, TrainConfig
-from aopd_cli.engine import MicroBatch, load_policy, make_optimizer, update
-from aopd_cli.objectives import TeacherTopK, aopd_loss, global_normalizer
+from aopd_cli.training import distributed as dist
+from aopd_cli.training.checkpoints import full_state_dict
+from aopd_cli.training.models import load_policy
+from aopd_cli.training.objectives import TeacherTopK, aopd_loss, global_normalizer
+from aopd_cli.training.update import MicroBatch, make_optimizer, update
 
 device = dist.init()
 arch = LabArch(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128)

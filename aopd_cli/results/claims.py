@@ -1,4 +1,4 @@
-"""The lab report's verdicts on the paper's claims C1-C6 (issue 13), computed from a `report.Sweep` with
+"""The lab report's verdicts on the paper's claims C1-C6 (issue 13), computed from a `lab_runs.Sweep` with
 rules written down here: a gap under `NOISE` (2 points of Pass@1, about one standard error of the
 lab's 200 test problems x 8 samples) is a tie; a claim with every part holding is "reproduced", with some "partly".
 
@@ -10,7 +10,16 @@ from __future__ import annotations
 import statistics
 
 from aopd_cli import metrics as names
-from aopd_cli.report import MATH_BENCH, Sweep, curve, mean_std, rows_by_block, table2_rows, training_stages
+from aopd_cli.results.lab_runs import (
+    MATH_BENCH,
+    Sweep,
+    ablation_finals,
+    curve,
+    mean_std,
+    rows_by_block,
+    table2_rows,
+    training_stages,
+)
 
 NOISE = 0.02  # 2 points of Pass@1: about one standard error over seeds and problems; smaller gaps are ties
 RELATIVE = 0.1  # entropy and intervention ratio: a change under 10% of the value is a tie
@@ -121,12 +130,6 @@ def claims(sweep: Sweep, client, ablations: dict[str, Sweep]) -> list[str]:
                          and s["AOPD"]["ratio_first"] is not None) + ".")
     lines.append(_c6(ablations))
     return lines
-
-
-def ablation_finals(sweep: Sweep) -> list[tuple[str, list[float], list[float]]]:
-    """(setting, Pass@1 per seed, greedy per seed) in the experiment's order."""
-    return [(label, sweep.finals(stage, names.pass_at(names.MATH_AVG, 1)),
-             sweep.finals(stage, names.greedy(names.MATH_AVG))) for label, stage in sweep.experiment.table1.items()]
 
 
 def _c6(ablations: dict[str, Sweep]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from aopd_cli.tracking import DEFAULT_URI, connect, experiment_id
+from aopd_cli.tracking.store import DEFAULT_URI, connect, experiment_id
 
 UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 UI_VIEW = "aopd"  # the runs table's shared view that aopd writes and links to

@@ -16,19 +16,8 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
-
-
-class Interrupted(BaseException):
-    """A stop asked by a signal; the CLI exits 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str = ""):
-        super().__init__(message or f"stopped by {NAMES.get(signum, signum)}")
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + int(self.signum)
+from aopd_cli.errors import SIGNAL_NAMES as NAMES
+from aopd_cli.errors import Interrupted
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from aopd_cli.lm_head import LMHead, chunked_gather, to_f32
+from aopd_cli.training.lm_head import LMHead, chunked_gather, to_f32
 
 Reduction = Literal["seq-mean-token-mean", "token-mean"]
 Support = Literal["raw", "renorm", "tail"]

@@ -201,7 +201,7 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
                 tracking_uri: str | None, every: bool = False) -> Path:
     from rich.console import Console
 
-    from aopd_cli.tracking import find_runs
+    from aopd_cli.tracking.store import find_runs
 
     runs, scope = select_runs(find_runs(tracking_uri, experiment), parent, every)
     if not runs:
@@ -225,11 +225,11 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
     console.print(terminal_table(groups, columns, f"{experiment}: final metrics"))
     for note in notes:
         console.print(f"note: {note}", highlight=False, markup=False)
-    from aopd_cli.plots import write_plots
+    from aopd_cli.results.plots import write_plots
 
     plots = write_plots(runs, groups, out, tracking_uri)
     if parent:
-        from aopd_cli.tracking import run_tracker
+        from aopd_cli.tracking.store import run_tracker
 
         tracker = run_tracker(tracking_uri, parent)
         for path in [out / "compare.csv", out / "compare.md", *plots]:

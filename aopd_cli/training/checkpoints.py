@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from aopd_cli import distributed as dist
 from aopd_cli.errors import UserError
+from aopd_cli.training import distributed as dist
 
 CONFIG_FILE = "aopd_config.yaml"  # the resolved config, in a checkpoint and in a stage's output folder
 STATE_FILE = "training_state.pt"  # the optimizer state a final checkpoint may carry

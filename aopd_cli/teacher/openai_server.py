@@ -33,9 +33,9 @@ import urllib.request
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from aopd_cli import distributed as dist
 from aopd_cli.errors import UserError
 from aopd_cli.progress import say
+from aopd_cli.training import distributed as dist
 
 PROBE = "Compute 12*(3+4) step by step; then put 84 in \\boxed{84}.  Ünïcödé ✓ tabs\tand\nlines"
 

@@ -93,7 +93,7 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
             child_overrides = overrides + [f"{k}={v}" for k, v in values.items()]
             tags = {"sweep_id": sweep_id, "sweep_child": child_id, **{f"sweep.{k}": v for k, v in values.items()}}
             if stage == "pipeline":
-                from aopd_cli.pipeline import plan_pipeline
+                from aopd_cli.experiment.pipeline import plan_pipeline
 
                 target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags,
                                        label=point_label(values))
@@ -108,11 +108,11 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
 def run_sweep(plan: SweepPlan) -> None:
     from rich.console import Console
 
-    from aopd_cli.interrupts import Interrupted
-    from aopd_cli.pipeline import run_pipeline
-    from aopd_cli.stages import run_stage
-    from aopd_cli.runs_view import runs_link, table_columns
-    from aopd_cli.tracking import find_runs, resume_run, start_run
+    from aopd_cli.errors import Interrupted
+    from aopd_cli.experiment.pipeline import run_pipeline
+    from aopd_cli.stages.runner import run_stage
+    from aopd_cli.tracking.runs_view import runs_link, table_columns
+    from aopd_cli.tracking.store import find_runs, resume_run, start_run
 
     console = Console()
     experiment, uri = plan.tracking.experiment, plan.tracking.uri

@@ -17,8 +17,7 @@ from pathlib import Path
 import yaml
 
 from aopd_cli.config.compose import experiments_dir, flatten, group_options, recipes_dir
-from aopd_cli.config.schema import (OBJECTIVE_MODELS, STAGE_MODELS, DataConfig, EvalConfig, ModelConfig,
-                                    RolloutConfig)
+from aopd_cli.config.schema import OBJECTIVE_MODELS, STAGE_MODELS, DataConfig, EvalConfig, ModelConfig, RolloutConfig
 from aopd_cli.errors import ConfigError
 
 WIDTH = 100

@@ -17,9 +17,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aopd_cli.config.compose import (ConfigError, UnknownKey, UnknownOption, compose_dict, load_experiment,
-                                     load_stage_config, to_yaml)
 from aopd_cli import metrics as names
+from aopd_cli.config.compose import (
+    ConfigError,
+    UnknownKey,
+    UnknownOption,
+    compose_dict,
+    load_experiment,
+    load_stage_config,
+)
+from aopd_cli.config.paths import checkpoint_of
 from aopd_cli.config.schema import Experiment
 
 
@@ -31,11 +38,6 @@ class Plan:
     extra_tags: dict[str, str]  # on every run (a sweep's values)
     stage_tags: dict[str, dict[str, str]] = field(default_factory=dict)  # an eval stage: what it evaluates
     label: str = ""  # swept values and seed, for run names ("tau=0.2 seed=1")
-
-
-def checkpoint_of(config) -> Path:
-    """Where a stage leaves its checkpoint: its own folder (a reused warm-up is a link to the cache there)."""
-    return Path(config.output_dir) / "checkpoint"
 
 
 def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None, label: str = "") -> Plan:
@@ -107,21 +109,18 @@ def _accepts(stage: str, base: list[str], override: str) -> bool:
     return True
 
 
-def plan_yaml(plan: Plan) -> str:
-    return "".join(f"# --- {name} ({config.stage})\n{to_yaml(config)}" for name, config in plan.configs.items())
-
-
 def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     """Every stage in order under one parent run. Rerunning continues: finished stages (same config and
     inputs) are skipped, an interrupted one resumes, and the parent run is the same."""
     from rich.console import Console
 
-    from aopd_cli import distributed as dist
     from aopd_cli.progress import say
-    from aopd_cli.stages import run_stage
-    from aopd_cli.stages.common import output_lock
-    from aopd_cli.runs_view import runs_link, table_columns
-    from aopd_cli.tracking import NullTracker, closing, resume_run, start_run
+    from aopd_cli.stages.lifecycle import output_lock
+    from aopd_cli.stages.runner import run_stage
+    from aopd_cli.tracking.runs_view import runs_link, table_columns
+    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.tracker import NullTracker, closing
+    from aopd_cli.training import distributed as dist
 
     dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
     console = Console()

@@ -72,11 +72,9 @@ def _main(dump: dict) -> dict:
 
 
 def show_pipeline(plan, full: bool) -> str:
-    from aopd_cli.pipeline import plan_yaml
-
     _refuse(plan_missing(plan.configs))
     if full:
-        return plan_yaml(plan)
+        return "".join(f"# --- {name} ({config.stage})\n{to_yaml(config)}" for name, config in plan.configs.items())
     experiment, configs = plan.experiment, plan.configs
     first = next(iter(configs.values()))
     made = {path.expanduser().resolve(): name for name, config in configs.items() for path in checkpoints_made(config)}

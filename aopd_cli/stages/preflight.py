@@ -12,9 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
-from aopd_cli.checkpoints import checkpoint_problem
 from aopd_cli.config.paths import input_problem, local_inputs, names_a_path
 from aopd_cli.errors import ConfigError, UserError
+from aopd_cli.training.checkpoints import checkpoint_problem
 
 
 def check_inputs(config) -> None:
@@ -72,7 +72,7 @@ def _size(count: int) -> str:
 
 def check_tracking(config) -> None:
     if config.tracking.enabled:
-        from aopd_cli.tracking import connect
+        from aopd_cli.tracking.store import connect
 
         connect(config.tracking.uri)
 

@@ -12,9 +12,8 @@ legend says over how many seeds a line is averaged (the band is ± one std).
 
 from __future__ import annotations
 
-import textwrap
-
 import statistics
+import textwrap
 from collections import defaultdict
 from itertools import cycle
 from pathlib import Path
@@ -113,7 +112,7 @@ def _benchmark(run) -> str | None:
 
 def write_plots(runs, groups: dict[str, list], out: Path, tracking_uri) -> list[Path]:
     """`groups`: label -> the runs of one configuration, one per seed."""
-    from aopd_cli.tracking import connect, metric_history
+    from aopd_cli.tracking.store import connect, metric_history
 
     client, written = connect(tracking_uri), []
     training = {label: members for label, members in groups.items()

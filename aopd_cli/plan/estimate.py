@@ -163,7 +163,7 @@ def plan_stage(name: str, config, gpus: int, gpu_bytes: float, made: dict[str, S
 
 
 def _spec(config):
-    from aopd_cli.objectives import OBJECTIVES
+    from aopd_cli.training.objectives import OBJECTIVES
 
     objective = getattr(config, "objective", None)
     return OBJECTIVES[objective.name] if objective is not None else None

@@ -27,9 +27,10 @@ from typing import Callable
 
 import torch
 
-from aopd_cli.engine import MicroBatch, stop_token_ids, target_hidden
 from aopd_cli.errors import UserError
-from aopd_cli.objectives import TeacherTopK
+from aopd_cli.training.models import stop_token_ids
+from aopd_cli.training.objectives import TeacherTopK
+from aopd_cli.training.update import MicroBatch, target_hidden
 
 Scorer = Callable[[MicroBatch], TeacherTopK]
 
@@ -66,7 +67,7 @@ def check_teacher(teacher, student, top_k: int) -> None:
     """One line, before any work, for a teacher its engine cannot serve to this student (HF teachers are
     checked as loaded models, `engine.check_compatible`)."""
     if teacher.engine == "server" and teacher.url:
-        from aopd_cli.teacher_server import check_server, served_model
+        from aopd_cli.teacher.openai_server import check_server, served_model
 
         url = teacher.url.rstrip("/")
         check_server(url, served_model(url, teacher.timeout_s), student.tokenizer,
@@ -108,8 +109,8 @@ def teacher_scorer(teacher_cfg, teacher, student, top_k: int, log_dir: Path):
         return
     k = _clamped(top_k, student)
     if teacher_cfg.engine == "vllm":
-        from aopd_cli.engine import compute_dtype
         from aopd_cli.rollout.vllm_engine import start_engine
+        from aopd_cli.training.models import compute_dtype
 
         llm, close = start_engine(
             "teacher.engine=vllm", model=teacher_cfg.path, dtype=compute_dtype(teacher_cfg.dtype, student.device),
@@ -123,8 +124,8 @@ def teacher_scorer(teacher_cfg, teacher, student, top_k: int, log_dir: Path):
         finally:
             close()
         return
-    from aopd_cli.engine import compute_dtype
-    from aopd_cli.teacher_server import check_server, served_model, teacher_url
+    from aopd_cli.teacher.openai_server import check_server, served_model, teacher_url
+    from aopd_cli.training.models import compute_dtype
 
     dtype = str(compute_dtype(teacher_cfg.dtype, student.device)).removeprefix("torch.")
     with teacher_url(teacher_cfg, k, dtype, log_dir / "teacher_server.log") as url:
@@ -164,7 +165,7 @@ def vllm_scorer(llm, k: int, vocabulary: int) -> Scorer:
 
 
 def server_scorer(url: str, model: str, k: int, vocabulary: int, teacher_cfg) -> Scorer:
-    from aopd_cli.teacher_server import ServerError, request
+    from aopd_cli.teacher.openai_server import ServerError, request
 
     def post(chunk):
         payload = {"model": model, "prompt": [ids for ids, _, _ in chunk], "max_tokens": 1, "temperature": 1.0,

@@ -1,4 +1,4 @@
-"""The lab report's figures, one PNG each, from a `report.Sweep`: Pass@1 vs step per method shaded over
+"""The lab report's figures, one PNG each, from a `lab_runs.Sweep`: Pass@1 vs step per method shaded over
 seeds (paper Fig. 6, one per warm-up), entropy and intervention ratio vs step (Fig. 5, 4c), the advantage
 histogram (Fig. 2a), Table 2 as bars, and the ablations (Fig. 7, 8).
 
@@ -10,9 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from aopd_cli import metrics as names
-from aopd_cli.plots import finish_figure, pyplot
-from aopd_cli.report import MATH_BENCH, Sweep, curve, mean_std, rows_by_block, table2_rows, training_stages
-from aopd_cli.report_claims import ablation_finals
+from aopd_cli.results.lab_runs import (
+    MATH_BENCH,
+    Sweep,
+    ablation_finals,
+    curve,
+    mean_std,
+    rows_by_block,
+    table2_rows,
+    training_stages,
+)
+from aopd_cli.results.plots import finish_figure, pyplot
 
 COLORS = {"SeqKD": "#999999", "OPD": "#cc3311", "ExOPD": "#ee7733", "GKD": "#0077bb", "AOPD": "#009988"}
 

@@ -1,0 +1,227 @@
+"""A stage run's lifecycle: what the run is (its identity), whether it already finished, the output
+folder it holds, the resume decision and the tracked run around it.
+
+- Identity (`identity`): a hash of the configuration that changes what a stage computes, and of its
+  input models; a finished stage leaves `aopd_done.json` (its identity and result): rerunning it does nothing.
+- The session (`stage_session`): one process per output folder (a lock naming the holder), leftovers of
+  an interrupted writer removed, and the resume decision: with `resume=auto` a folder that holds an
+  earlier run of the same configuration continues from its newest whole checkpoint in the same MLflow
+  run; a different configuration, or `resume=never`, keeps the old folder under a new name and starts
+  afresh. The tracked run is opened inside the context that closes it (FINISHED, KILLED, FAILED), and
+  SIGTERM / SIGINT stop the loop at a step's end with a checkpoint.
+
+    python -m pytest tests/test_resume.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from aopd_cli.errors import UserError
+from aopd_cli.progress import say
+from aopd_cli.training import distributed as dist
+from aopd_cli.training.checkpoints import CONFIG_FILE, step_dirs, tidy
+from aopd_cli.training.interrupts import StopFlag, handled_signals
+
+RUN_FILE, DONE_FILE, LOCK_FILE = "aopd_run.json", "aopd_done.json", ".aopd.lock"
+# keys that change what a stage computes; the rest (logging, evaluation, where to write) may change on resume
+NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached"}
+TRAINNOT_IDENTITY = {"log_every", "eval_every", "save_every", "keep_last", "max_skipped"}
+
+
+@dataclass
+class Session:
+    config: object
+    out_dir: Path
+    tracker: object
+    stop: StopFlag
+    name: str  # the run's name (the stage's name in a pipeline)
+    resume_from: Path | None = None  # a step_N folder, or the final checkpoint (training done)
+    start_step: int = 0  # steps done; -1: training finished, only what follows it is left
+    parent_run_id: str | None = None  # a pipeline's or sweep's run, which says how to see the runs at its end
+
+
+
+# ---------------------------------------------------------------- identity, records
+def fingerprint(path: str | Path) -> str:
+    """Names, sizes and modification times of a local file or folder's files (a rebuilt input differs)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return "absent"
+    files = [path] if path.is_file() else sorted(p for p in path.resolve().rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()
+                          ).hexdigest()[:16]
+
+
+def identity(config) -> str:
+    # evaluation settings are what an eval stage computes; for a training stage they only shape its curves
+    dump = config.model_dump(mode="json", exclude=NOT_IDENTITY - ({"eval"} if config.stage == "eval" else set()))
+    if "train" in dump:
+        dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAINNOT_IDENTITY}
+    inputs = {role: fingerprint(model.path) for role in ("student", "teacher", "base")
+              if (model := getattr(config, role, None)) is not None and model.path}
+    return hashlib.sha256(json.dumps([dump, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_result(config):
+    """The result of a finished run of this very configuration in its output folder, else None."""
+    from aopd_cli.training.checkpoints import checkpoint_problem
+
+    done = _read(Path(config.output_dir) / DONE_FILE)
+    if done is None or done.get("identity") != identity(config):
+        return None
+    result = done["result"]
+    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared)
+        return None if checkpoint_problem(Path(result)) else Path(result)
+    return result
+
+
+# ---------------------------------------------------------------- the session
+@contextmanager
+def output_lock(out_dir: Path):
+    """Hold `out_dir` for this process; a second process is refused at once, naming the holder. The lock
+    dies with its process, so a stale one is taken over (with a warning)."""
+    import fcntl
+    import os
+    import socket
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"output_dir={out_dir} is in use by {holder}; wait for it, or choose another output_dir")
+    handle.seek(0)
+    previous = handle.read().strip()
+    if previous:
+        print(f"aopd: warning: taking over {path} from {previous}, which is no longer running")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def _archive(out_dir: Path, why: str) -> None:
+    """Move the earlier run's files to a sibling folder (the lock file stays: this process holds it)."""
+    target = out_dir.with_name(f"{out_dir.name}.archived-{time.strftime('%Y%m%d-%H%M%S')}")
+    target.mkdir()
+    for entry in out_dir.iterdir():
+        if entry.name != LOCK_FILE:
+            entry.rename(target / entry.name)
+    say(f"{why}: the earlier run is kept in {target}; starting afresh in {out_dir}")
+
+
+def _newest(out_dir: Path) -> tuple[Path | None, int]:
+    if (out_dir / "checkpoint" / "config.json").is_file():
+        return out_dir / "checkpoint", -1  # training finished; -1: the loop has no step left to run
+    steps = step_dirs(out_dir)
+    return (steps[-1][1], steps[-1][0]) if steps else (None, 0)
+
+
+def _decide(config, out_dir: Path, ident: str) -> tuple[dict | None, Path | None, int]:
+    """(the earlier run's record to continue, resume point, steps done), archiving what is not continued."""
+    record = _read(out_dir / RUN_FILE)
+    earlier = record is not None or step_dirs(out_dir) or (out_dir / "checkpoint").exists()
+    if earlier and (config.resume == "never" or (record or {}).get("identity") != ident):
+        if record and record.get("run_id"):
+            from aopd_cli.tracking.store import mark_run
+
+            mark_run(config.tracking, record["run_id"], "KILLED")
+        _archive(out_dir, "resume=never" if config.resume == "never" else "the configuration changed")
+        return None, None, 0
+    resume_from, step = _newest(out_dir)
+    return record, resume_from, step
+
+
+@contextmanager
+def stage_session(config, *, run_name: str | None, parent_run_id: str | None, tags: dict[str, str] | None = None):
+    from aopd_cli.config.compose import flatten, to_yaml
+    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.tracker import BACKLOG_FILE, NullTracker, closing
+
+    out_dir, ident = Path(config.output_dir), identity(config)
+    with output_lock(out_dir) if dist.is_main() else nullcontext():
+        plan = None
+        if dist.is_main():
+            tidy(out_dir)
+            record, resume_from, step = _decide(config, out_dir, ident)
+            plan = (record, str(resume_from) if resume_from else None, step)
+        record, resume_from, step = dist.broadcast(plan)
+        resume_from = Path(resume_from) if resume_from else None
+        tracker = None
+        if dist.is_main() and record and record.get("run_id") and record.get("tracking_uri") == config.tracking.uri:
+            tracker = resume_run(config.tracking, record["run_id"], backlog=out_dir / BACKLOG_FILE)
+        resumed = tracker is not None
+        if tracker is None and dist.is_main():
+            all_tags = {**(tags or {}), "stage": config.stage, "seed": str(config.seed),
+                        "world_size": str(dist.world_size())}
+            objective = getattr(config, "objective", None)
+            if objective is not None:
+                all_tags["objective"] = objective.name
+            for role in ("student", "teacher", "base"):  # a reused warm-up is a link into the cache
+                model = getattr(config, role, None)
+                if model is not None and model.path and Path(model.path).is_symlink():
+                    all_tags[f"{role}.cache_path"] = str(Path(model.path).resolve())
+            tracker = start_run(config.tracking, run_name=run_name or config.stage, tags=all_tags,
+                                parent_run_id=parent_run_id, backlog=out_dir / BACKLOG_FILE)
+        tracker = tracker or NullTracker()
+        with closing(tracker), handled_signals() as stop:
+            if dist.is_main():
+                (out_dir / RUN_FILE).write_text(json.dumps({"identity": ident, "run_id": tracker.run_id,
+                                                            "tracking_uri": config.tracking.uri}))
+                if not resumed:
+                    tracker.log_params(flatten(config.model_dump(mode="json")))
+                    (out_dir / CONFIG_FILE).write_text(to_yaml(config))
+                    tracker.log_artifact(out_dir / CONFIG_FILE)
+            if resume_from is not None:
+                total = getattr(getattr(config, "train", None), "steps", 0)
+                say(f"resuming {run_name or config.stage} from step {total if step < 0 else step} of {total} "
+                    f"({resume_from})")
+            yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step, parent_run_id)
+
+
+def log_dataset(session: Session, context: str, source: str, records: list) -> None:
+    """A dataset the stage used, as an MLflow dataset input: its source, rows and a digest of the rows."""
+    if dist.is_main():
+        digest = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        session.tracker.log_dataset(Path(source).stem if "/" in source or "." in source else source, source,
+                                    len(records), digest, context)
+
+
+def finish(session: Session, result) -> None:
+    """Record the stage as done (its identity and result), so rerunning it does nothing."""
+    if dist.is_main():
+        value = str(result) if isinstance(result, Path) else result
+        (session.out_dir / DONE_FILE).write_text(json.dumps({"identity": identity(session.config), "result": value,
+                                                             "run_id": session.tracker.run_id}))
+        say(f"{session.config.stage} done: {session.out_dir}"
+            + (f" (MLflow run {session.tracker.run_id})" if session.tracker.run_id else ""))
+        if session.tracker.run_id and session.parent_run_id is None:
+            from aopd_cli.tracking.runs_view import runs_link, table_columns
+
+            link = runs_link(session.config.tracking, table_columns([session.config]),
+                             f"tags.stage = '{session.config.stage}'")
+            say(f"see the runs with {link}")
