@@ -26,7 +26,7 @@ def scripted(tokenizer, answer, calls: list | None = None):
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     policy = SimpleNamespace(tokenizer=tokenizer, stop_ids={end})
 
-    def generate(prompts_ids, *, n, temperature, max_new_tokens, seed=None, stop_strings=None):
+    def generate(prompts_ids, *, n, temperature, max_new_tokens, seed=None, indices=None, stop_strings=None):
         if calls is not None:
             calls.append({"n": n, "temperature": temperature, "stop_strings": stop_strings})
         rows = [(i, ids) for i, ids in enumerate(prompts_ids) for _ in range(n)]

@@ -33,14 +33,14 @@ def benchmark_name(source: str) -> str:
     return Path(source).stem if ("/" in source or "." in source) else source
 
 
-def _generate(policy, rollout, prompts, *, n, temperature, max_new_tokens, seed, stop_strings=None):
+def _generate(policy, rollout, prompts, *, n, temperature, max_new_tokens, seed, indices=None, stop_strings=None):
     """(texts, stopped by itself?) per row, and the prompt index of each row. Texts keep special tokens
     except the stop and pad tokens (a tool turn goes back into the conversation as written)."""
     kwargs = {}
     if stop_strings and "stop_strings" in inspect.signature(rollout.generate).parameters:
         kwargs["stop_strings"] = stop_strings  # an engine without them runs on: the caller cuts the text
     batch = rollout.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                             **kwargs)
+                             indices=indices, **kwargs)
     stop_ids_S = torch.tensor(sorted(policy.stop_ids))
     texts, stopped = [], []
     for ids_R, mask_R in zip(batch.response_ids_BR, batch.response_mask_BR):
@@ -80,11 +80,12 @@ def run_episodes(policy, rollout, records: list[dict], *, style: str, n: int, te
     """n multi-turn episodes per tool instruction, all advanced together one turn per generate call."""
     episodes = [Episode(i, tool_messages(r, style)) for i, r in enumerate(records) for _ in range(n)]
     turn = 0
-    while active := [e for e in episodes if not e.done]:
+    while active_ids := [k for k, e in enumerate(episodes) if not e.done]:
+        active = [episodes[k] for k in active_ids]
         prompts = [chat_ids(policy.tokenizer, e.messages, add_generation_prompt=not e.open_turn,
                             continue_final_message=e.open_turn) for e in active]
         texts, stopped, _ = _generate(policy, rollout, prompts, n=1, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, seed=seed + 7919 * turn,
+                                      max_new_tokens=max_new_tokens, seed=seed + 7919 * turn, indices=active_ids,
                                       stop_strings=[STOP_STRING])
         for episode, text, ended in zip(active, texts, stopped):
             golden = records[episode.owner]["golden"]
@@ -132,6 +133,25 @@ def evaluate_policy(policy, rollout, eval_cfg, *, seed: int, tools: bool = True)
     for source in eval_cfg.tool_benchmarks if tools else []:
         _tools(policy, rollout, eval_cfg, source, seed, metrics, samples)
     return metrics, samples
+
+
+PROBLEMS_FILE = "eval_problems.jsonl"  # a training stage's evaluations, per problem: what intervals are drawn from
+
+
+def append_problems(path: Path, step: int, samples: list[dict]) -> None:
+    """One line per benchmark problem of an evaluation at `step`: its correct samples out of n (sampled
+    decoding), so differences between checkpoints can be paired problem by problem. A resumed run that
+    evaluates a step again appends it again; readers keep the last."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for row in samples:
+        if row["decoding"] == "sampled":
+            count = counts.setdefault((row["benchmark"], row["id"]), [0, 0])
+            count[0] += bool(row["correct"])
+            count[1] += 1
+    with open(path, "a") as handle:
+        for (benchmark, problem), (correct, n) in counts.items():
+            handle.write(json.dumps({"step": step, "benchmark": benchmark, "id": problem, "correct": correct,
+                                     "n": n}) + "\n")
 
 
 def write_samples(samples: list[dict], path: Path) -> Path:

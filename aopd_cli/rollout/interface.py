@@ -1,16 +1,21 @@
 """The rollout interface: `Rollout(generate, sync_weights, close)` and the `RolloutBatch` it returns.
 
-`generate(prompts_ids, n, temperature, max_new_tokens, seed)` returns a `RolloutBatch`; `sync_weights()`
+`generate(prompts_ids, n, temperature, max_new_tokens, seed, indices)` returns a `RolloutBatch`; `sync_weights()`
 must be called after every optimizer step (an engine holding its own copy of the weights, like vLLM,
 otherwise samples from stale weights); `close()` frees an engine at the stage's end. An engine reports
 the log-prob of each token it sampled (`RolloutBatch.logprobs_BR`), so the trainer can show how far its
 own values are from the engine's. `rollout/engines.py` makes one by name.
+
+Randomness is per prompt: the samples of a prompt depend on `stream_seed(seed, its index)` alone (`indices`:
+its place in the whole step or benchmark, so a rank's share samples what one process would), never on
+which prompts share its batch, its rank or the world size.
 
     python -m pytest tests/test_engine.py -q -k rollout
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +37,15 @@ class Rollout:
     generate: Callable[..., RolloutBatch]
     sync_weights: Callable[[], None]
     close: Callable[[], None] = lambda: None
+
+
+def stream_seed(seed: int | None, *keys: int) -> int | None:
+    """A seed of its own for one prompt (or one sample of it): reproducible, and unrelated between
+    neighbouring prompts, samples and steps."""
+    if seed is None:
+        return None
+    text = "/".join(map(str, (seed, *keys)))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

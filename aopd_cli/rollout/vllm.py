@@ -22,14 +22,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 
 import torch
 
 from aopd_cli.progress import say
-from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
+from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad, stream_seed
 from aopd_cli.rollout.vllm_engine import WORKER_EXTENSION, check_model, kept_rng, named_weights, start_engine
 
 KEY = "rollout=vllm"
@@ -37,13 +36,6 @@ KEY = "rollout=vllm"
 
 def check_rollout_model(policy, role: str = "student") -> None:
     check_model(policy.model.config, KEY, role)
-
-
-def prompt_seed(seed: int | None, index: int) -> int | None:
-    """A seed per prompt: reproducible, and unrelated between neighbouring prompts and steps."""
-    if seed is None:
-        return None
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=7).digest(), "little")
 
 
 def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
@@ -77,23 +69,25 @@ def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
         llm.reset_prefix_cache()
 
     def generate(prompts_ids: list[list[int]], *, n: int, temperature: float, max_new_tokens: int,
-                 seed: int | None = None) -> RolloutBatch:
+                 seed: int | None = None, indices: list[int] | None = None) -> RolloutBatch:
         if asleep["weights"]:
             sync_weights()  # level 2 dropped the weights: the trainer's current ones go back in
         if asleep["kv_cache"]:
             llm.wake_up(tags=["kv_cache"])
             asleep["kv_cache"] = False
-        shares = _gather(group, (prompts_ids, seed))
-        requests = [(ids, share_seed, index) for share, share_seed in shares for index, ids in enumerate(share)]
+        keys = list(range(len(prompts_ids))) if indices is None else list(indices)
+        shares = _gather(group, (prompts_ids, seed, keys))
+        requests = [(ids, share_seed, key) for share, share_seed, share_keys in shares
+                    for ids, key in zip(share, share_keys)]
         params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
                                  stop_token_ids=sorted(policy.stop_ids), logprobs=0, flat_logprobs=True,
-                                 seed=prompt_seed(share_seed, index)) for _, share_seed, index in requests]
+                                 seed=stream_seed(share_seed, index)) for _, share_seed, index in requests]
         with kept_rng():
             outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in requests], params, use_tqdm=False)
         if sleeps:
             llm.sleep(level=2)  # weights are pushed again anyway: nothing to keep
             asleep.update(weights=True, kv_cache=True)
-        start = sum(len(share) for share, _ in shares[:_group_rank(group)])
+        start = sum(len(share) for share, _, _ in shares[:_group_rank(group)])
         return _batch(policy, prompts_ids, outputs[start:start + len(prompts_ids)])
 
     def close() -> None:

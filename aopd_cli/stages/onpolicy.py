@@ -148,14 +148,16 @@ def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rol
     def make_step(step: int) -> StepBatch:
         timings: dict[str, float] = {}
         with names.timed("rollout", timings):
-            chosen = dist.shard_of(sample_indices(rng, len(records), train.batch_size))
+            everyone = sample_indices(rng, len(records), train.batch_size)
+            share = dist.shard_range(len(everyone))
+            chosen = everyone[share.start:share.stop]
             if spec.references and rng.random() >= objective.lmbda:
                 batch = _reference_batch(student, [prompts[i] for i in chosen],
                                          [records[i].get("reference") or "" for i in chosen])
-            else:
+            else:  # per-prompt seeds from the step's seed and the prompt's place in the step: any world size
                 batch = rollout.generate([prompts[i] for i in chosen], n=rollout_cfg.n,
                                          temperature=rollout_cfg.temperature, max_new_tokens=rollout_cfg.max_new_tokens,
-                                         seed=config.seed * 100003 + step + 7919 * dist.rank())
+                                         seed=config.seed * 100003 + step, indices=list(share))
         micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
         drift.update(step=step, max=0.0, sum=0.0, count=0,
                      engine_logprobs_BR=batch.logprobs_BR if spec.samples_from == "student" else None)

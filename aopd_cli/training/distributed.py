@@ -98,12 +98,18 @@ def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def shard_of(items: list, *, rank_: int | None = None, world: int | None = None) -> list:
-    """This rank's contiguous share of a list (the first ranks take one more when it does not divide)."""
+def shard_range(count: int, *, rank_: int | None = None, world: int | None = None) -> range:
+    """This rank's contiguous share of `count` items (the first ranks take one more when it does not divide)."""
     rank_, world = rank() if rank_ is None else rank_, world_size() if world is None else world
-    base, extra = divmod(len(items), world)
+    base, extra = divmod(count, world)
     start = rank_ * base + min(rank_, extra)
-    return items[start:start + base + (rank_ < extra)]
+    return range(start, start + base + (rank_ < extra))
+
+
+def shard_of(items: list, *, rank_: int | None = None, world: int | None = None) -> list:
+    """This rank's contiguous share of a list (`shard_range`)."""
+    share = shard_range(len(items), rank_=rank_, world=world)
+    return items[share.start:share.stop]
 
 
 # ---------------------------------------------------------------- FSDP2
