@@ -163,10 +163,14 @@ def load_stage_config(stage: str, overrides: list[str]):
     return validate(stage, compose_dict(stage, overrides))
 
 
-def load_experiment(name_or_path: str) -> Experiment:
+def experiment_path(name_or_path: str) -> Path:
+    """`experiments/NAME.yaml` for a name, the file itself for a path."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = experiments_dir() / f"{name_or_path}.yaml"
+    return path if path.suffix else experiments_dir() / f"{name_or_path}.yaml"
+
+
+def load_experiment(name_or_path: str) -> Experiment:
+    path = experiment_path(name_or_path)
     if not path.is_file():
         options = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
         raise ConfigError(f"experiment={name_or_path}: no such experiment; allowed: {', '.join(options)}")

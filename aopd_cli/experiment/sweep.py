@@ -39,6 +39,7 @@ class SweepPlan:
     children: list[Child]
     tracking: object
     command: str
+    experiment_text: str = ""  # a pipeline sweep's experiment file, as it was at the start
 
 
 def expand(params: list[str]) -> list[dict[str, str]]:
@@ -58,17 +59,24 @@ def point_label(values: dict[str, str]) -> str:
     return " ".join(f"{key.removeprefix('objective.')}={value}" for key, value in values.items())
 
 
+def _experiment_file(overrides: list[str]) -> Path:
+    """The experiment file a pipeline sweep composes from (the last `experiment=` wins, as in a pipeline)."""
+    from aopd_cli.config.compose import experiment_path
+
+    return experiment_path(next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("experiment=")),
+                                "lab"))
+
+
 def _definitions_digest(stage: str, overrides: list[str]) -> str:
     """A digest of the YAML files the children are composed from: the recipes, and for a pipeline the
     experiment file it names. Other experiment files do not count (editing one leaves a sweep resumable);
     defaults written in the code do not either."""
-    from aopd_cli.config.compose import experiments_dir, recipes_dir
+    from aopd_cli.config.compose import recipes_dir
 
     root = recipes_dir()
     files = sorted(root.rglob("*.yaml"))
     if stage == "pipeline":
-        named = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("experiment=")), "lab")
-        files.append(Path(named) if Path(named).suffix else experiments_dir() / f"{named}.yaml")
+        files.append(_experiment_file(overrides))
     digest = hashlib.sha256()
     for path in files:
         if path.is_file():
@@ -102,7 +110,9 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
             children.append(Child(child_id, values, tags, target))
     first = children[0].target
     tracking = next(iter(first.configs.values())).tracking if stage == "pipeline" else first.tracking
-    return SweepPlan(stage, sweep_id, children, tracking, command)
+    # the experiment as it was when the sweep ran: the report reads this, not the file as it is later
+    text = _experiment_file(overrides).read_text() if stage == "pipeline" else ""
+    return SweepPlan(stage, sweep_id, children, tracking, command, text)
 
 
 def run_sweep(plan: SweepPlan) -> None:
@@ -119,7 +129,8 @@ def run_sweep(plan: SweepPlan) -> None:
     parents = find_runs(uri, experiment, f"tags.sweep_parent = '{plan.sweep_id}'")
     parent = resume_run(plan.tracking, parents[0].info.run_id) if parents else start_run(
         plan.tracking, run_name=f"sweep {plan.stage} {plan.sweep_id}",
-        tags={"sweep_parent": plan.sweep_id, "stage": "sweep", "sweep_command": plan.command[:5000]})
+        tags={"sweep_parent": plan.sweep_id, "stage": "sweep", "sweep_command": plan.command[:5000],
+              **({"experiment_yaml": plan.experiment_text} if plan.experiment_text else {})})
     finished = {run.data.tags.get("sweep_child") for run in find_runs(
         uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
         if run.data.tags.get("mlflow.parentRunId") == parent.run_id}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aopd_cli.errors import UserError
-from aopd_cli.tracking.tracker import BACKLOG_FILE, MlflowTracker, NullTracker, Tracker, send_backlog
+from aopd_cli.tracking.tracker import BACKLOG_FILE, MAX_TAG, MlflowTracker, NullTracker, Tracker, send_backlog
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 EXPERIMENT_DESCRIPTION = ("Runs of aopd (Asymmetric On-Policy Distillation and its baselines). Each stage is a run; "
@@ -103,7 +103,7 @@ def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: s
     if not tracking.enabled:
         return NullTracker()
     client = connect(tracking.uri)
-    all_tags = {"mlflow.runName": run_name, **tags}
+    all_tags = {"mlflow.runName": run_name, **{key: str(value)[:MAX_TAG] for key, value in tags.items()}}
     commit = git_commit()
     if commit:
         all_tags["git_commit"] = commit

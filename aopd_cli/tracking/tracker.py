@@ -22,6 +22,7 @@ from aopd_cli.errors import Interrupted
 
 BACKLOG_FILE = "tracking_backlog.jsonl"
 RETRY_EVERY_S = 20.0  # while the server is away, try it again at most this often
+MAX_TAG = 8000  # characters of a tag value MLflow 3 stores
 CLOSE_WAIT_S = 90.0  # at the end of a run, how long to wait for an away server before leaving the backlog
 
 
@@ -140,7 +141,7 @@ class MlflowTracker:
         self._send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def set_tags(self, tags):
-        self._send({"op": "tags", "items": [[k, str(v)[:5000]] for k, v in tags.items()]})
+        self._send({"op": "tags", "items": [[k, str(v)[:MAX_TAG]] for k, v in tags.items()]})
 
     def log_dataset(self, name, source, rows, digest, context):
         self._send({"op": "dataset", "name": name, "source": source, "rows": rows, "digest": digest,
