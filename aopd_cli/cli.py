@@ -272,14 +272,13 @@ def sync(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="MLflow store (default: the run's)"),
 ) -> None:
     """Send what a run could not send to MLflow while the tracking store was away."""
-    import json
     from pathlib import Path
 
+    from aopd_cli.stages.lifecycle import RUN_FILE, read_record
     from aopd_cli.tracking.store import sync as send
 
     with refusals():
-        record = Path(output_dir) / "aopd_run.json"
-        uri = tracking_uri or (json.loads(record.read_text()).get("tracking_uri") if record.is_file() else None)
+        uri = tracking_uri or (read_record(Path(output_dir) / RUN_FILE) or {}).get("tracking_uri")
         print(f"aopd: sent {send(Path(output_dir), uri)} queued record(s) from {output_dir}")
 
 

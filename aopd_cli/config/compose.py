@@ -47,12 +47,24 @@ def compose_dict(stage: str, overrides: list[str]) -> dict[str, Any]:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             cfg = compose(config_name=stage, overrides=list(overrides))
         return OmegaConf.to_container(cfg, resolve=True)
+    except yaml.YAMLError as err:  # a recipe file that is not YAML, or asks for a Python object
+        raise ConfigError(yaml_problem(err, "a recipe file")) from None
     except MissingConfigException as err:
         raise _missing_option_error(err, overrides) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse override: {err}") from None
     except ConfigCompositionException as err:
         raise _composition_error(stage, err, overrides) from None
+
+
+def yaml_problem(err: yaml.YAMLError, what: str) -> str:
+    """One line: the file, line and column, and what YAML found there."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    if "python/" in problem or "constructor" in problem:
+        problem += " (Python objects are not allowed in YAML here)"
+    return f"{where}: not valid YAML: {problem}"
 
 
 def _missing_option_error(err, overrides: list[str]) -> ConfigError:
@@ -137,7 +149,9 @@ def _validation_message(err: ValidationError, raw: dict) -> str:
         elif issue["type"] == "union_tag_invalid":
             lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVE_MODELS)}, got {issue['input']!r}")
         else:
-            lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg']}")
+            lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg'].removeprefix('Value error, ')}")
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
@@ -175,9 +189,15 @@ def load_experiment(name_or_path: str) -> Experiment:
         options = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
         raise ConfigError(f"experiment={name_or_path}: no such experiment; allowed: {', '.join(options)}")
     try:
-        return Experiment.model_validate(yaml.safe_load(path.read_text()))
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"experiment file {path}: not valid YAML: {err}") from None
+        raise ConfigError(yaml_problem(err, f"experiment file {path}").replace("<unicode string>", str(path))) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"experiment file {path}: cannot read it ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"experiment file {path}: expected a mapping (name, stages, ...), got {type(raw).__name__}")
+    try:
+        return Experiment.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"experiment file {path}: {_validation_message(err, {})}") from None
 

@@ -59,6 +59,24 @@ def local_inputs(config) -> list[tuple[str, str, Role]]:
     return found
 
 
+STAGE_DATA_KIND = {"warmup": "sft", "distill": "prompts", "continual": "tool_train"}  # what `data.source` holds
+
+
+def data_sources(config) -> list[tuple[str, str, str, str | None]]:
+    """(key, source, kind, split) of every dataset `config` reads: its training data, tool data and
+    benchmarks (kinds as `data.loaders.load_records` names them)."""
+    found = []
+    for name, kind in (("data", STAGE_DATA_KIND.get(config.stage)), ("tool_data", "tool_train")):
+        data = getattr(config, name, None)
+        if data is not None and kind:
+            found.append((f"{name}.source", data.source, kind, data.split))
+    evaluation = getattr(config, "eval", None)
+    if evaluation is not None:
+        found += [("eval.benchmarks", b, "math_benchmark", None) for b in evaluation.benchmarks]
+        found += [("eval.tool_benchmarks", b, "tool_eval", None) for b in evaluation.tool_benchmarks]
+    return found
+
+
 def input_problem(key: str, value: str, role: Role) -> str | None:
     path = Path(value).expanduser()
     if role == "checkpoint":

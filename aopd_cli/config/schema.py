@@ -8,9 +8,10 @@ once, at the boundary. Past that point the code reads attributes, never `cfg.get
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MATH_PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -18,6 +19,32 @@ Reduction = Literal["seq-mean-token-mean", "token-mean"]
 Support = Literal["raw", "renorm", "tail"]
 StageName = Literal["warmup", "distill", "continual", "eval"]
 Resume = Literal["auto", "never"]  # rerun continues from the newest step checkpoint, or starts afresh
+
+
+def _folder_name(value: str) -> str:
+    """A name that becomes a folder under outputs/: it may not climb out of it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value) or ".." in value:
+        raise ValueError(f"{value!r} is used as a folder name under outputs/: letters, digits, '_', '-' and '.', "
+                         "starting with a letter or digit, no '/' or '..'")
+    return value
+
+
+def _experiment_name(value: str) -> str:
+    """An MLflow experiment's name: any text but control characters and '..' path parts."""
+    if not value.strip() or any(ord(c) < 32 for c in value) or ".." in value.split("/"):
+        raise ValueError(f"{value!r}: an MLflow experiment name (e.g. aopd or team/aopd), without control "
+                         "characters or '..'")
+    return value
+
+
+def _trains(value: int) -> int:
+    if value < 1:
+        raise ValueError("0 steps train nothing (the stage would write its student unchanged as its result); "
+                         "to evaluate a checkpoint as it is, run `aopd eval student.path=...`")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_folder_name)]
 
 
 class Strict(BaseModel):
@@ -148,7 +175,7 @@ class RolloutConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(100, ge=0)
+    steps: Annotated[int, AfterValidator(_trains)] = 100  # optimizer steps, at least 1
     lr: float = Field(1e-5, gt=0.0)
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
@@ -189,7 +216,7 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = None  # None: MLflow's default (sqlite:///mlflow.db in the working directory)
-    experiment: str = "aopd"
+    experiment: Annotated[str, AfterValidator(_experiment_name)] = "aopd"
     enabled: bool = True
 
 
@@ -260,7 +287,7 @@ class Launch(Strict):
 
 
 class Experiment(Strict):
-    name: str
+    name: FolderName
     description: str = ""
     launch: Launch = Launch()
     stages: list[PipelineStage]

@@ -67,6 +67,29 @@ def load_records(kind: Kind, source: str, *, config: str | None = None, split: s
     return records
 
 
+def source_files(kind: Kind, source: str, split: str | None = None) -> list[Path] | None:
+    """The local files `source` is read from (a lab dataset's generated files, a ToolAlpaca folder's file,
+    a local file or folder), for a fingerprint of their content; None for a hub dataset."""
+    if (source, kind) in LAB_PATHS:
+        from aopd_cli.data.lab import ensure_lab
+
+        path = ensure_lab() / LAB_PATHS[(source, kind)]
+    elif source in ("toolalpaca", "toolalpaca_real"):
+        from aopd_cli.data.lab import cache_root
+
+        path = cache_root() / "toolalpaca"
+    elif source in KNOWN:
+        return None
+    else:
+        path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    if path.is_dir() and kind in ("tool_train", "tool_eval"):
+        name = TOOL_FILES["tool_train"] if kind == "tool_train" else TOOL_FILES.get(split or "simulated", "")
+        return [path / name] if (path / name).is_file() else []
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
 def _raw_rows(kind: Kind, source: str, config, split) -> tuple[list[dict], str]:
     if source in {name for name, _ in LAB_PATHS}:
         from aopd_cli.data.lab import ensure_lab
@@ -117,6 +140,8 @@ def _load_local(path: Path, config, split) -> list[dict]:
             raise UserError(f"{path}: expected a .jsonl, .json or .parquet file")
         if path.suffix == ".jsonl":
             _check_jsonl(path)
+        elif path.suffix == ".json":
+            _check_json(path)
         try:
             rows = list(datasets.load_dataset(builder, data_files=str(path), split="train"))
         except Exception as err:  # noqa: BLE001 - a corrupt file: one line naming it
@@ -144,6 +169,16 @@ def _check_jsonl(path: Path) -> None:
             seen = True
     if not seen:
         raise UserError(f"{path}: empty (no rows)")
+
+
+def _check_json(path: Path) -> None:
+    """A JSON file of rows: an empty array is "no rows", not the datasets library's error."""
+    try:
+        rows = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError:
+        return  # JSON lines under a .json name, or broken: the datasets library says which
+    if isinstance(rows, list) and not rows:
+        raise UserError(f"{path}: no rows (an empty JSON array)")
 
 
 def _local_cache_dir(folder: Path) -> str:
@@ -177,15 +212,25 @@ def _load_hub(source: str, configs: list, split: str, cache_dir: str | None = No
 
 # ---------------------------------------------------------------- field access
 def _field(row: dict, *names: str, kind: type | tuple = str, optional: bool = False) -> Any:
+    """The first of `names` in `row`, checked to be of `kind`; a required text may not be empty."""
+    if not isinstance(row, dict):
+        raise BadRow("/".join(names), f"the record is a {type(row).__name__}, not an object")
     for name in names:
         if name in row and row[name] is not None:
             value = row[name]
-            if not isinstance(value, kind):
-                raise BadRow(name, f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+            if not isinstance(value, kind) or isinstance(value, bool) and bool not in _kinds(kind):
+                wanted = " or ".join(k.__name__ for k in _kinds(kind))
+                raise BadRow(name, f"expected {wanted}, got {type(value).__name__}")
+            if isinstance(value, str) and not value.strip() and not optional:
+                raise BadRow(name, "empty")
             return value
     if optional:
         return None
     raise BadRow("/".join(names), "missing")
+
+
+def _kinds(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
 
 
 ROLE_MAP = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
@@ -257,7 +302,13 @@ def _functions(api: dict) -> dict[str, str]:
             described = json.loads(described)
         except json.JSONDecodeError:
             raise BadRow("Function_Description", "unparsable JSON") from None
-    return {name: text for name, text in described.items() if name != "components"}
+    if not isinstance(described, dict):
+        raise BadRow("Function_Description", f"expected an object of function name -> description, got "
+                                             f"{type(described).__name__}")
+    functions = {name: text for name, text in described.items() if name != "components"}
+    if not functions or not all(isinstance(text, str) for text in functions.values()):
+        raise BadRow("Function_Description", "expected at least one function, each described by a string")
+    return functions
 
 
 def _tool_train(api: dict, index: int) -> list[dict]:
@@ -265,18 +316,23 @@ def _tool_train(api: dict, index: int) -> list[dict]:
     records = []
     for i, instance in enumerate(_field(api, "Instances", kind=list)):
         steps = instance.get("intermediate_steps") if isinstance(instance, dict) else None
-        # the skips of ToolAlpaca's build_dataset.py: failed, over 5 steps, or only getDetails
-        if not steps or "error" in instance or len(steps) > 5 or all(s[0][0] == "getDetails" for s in steps):
-            continue
+        if steps is not None and not isinstance(steps, list):
+            raise BadRow("Instances.intermediate_steps", f"instance {i}: expected a list, got {type(steps).__name__}")
         parsed = []
-        for step in steps:
+        for step in steps or []:
             try:
                 (action, action_input, log), observation = step
             except (TypeError, ValueError):
-                raise BadRow("Instances.intermediate_steps", "expected [[action, input, log], observation]") from None
+                raise BadRow("Instances.intermediate_steps",
+                             f"instance {i}: expected [[action, input, log], observation], got {step!r:.60}") from None
+            if not isinstance(action, str) or not action.strip():
+                raise BadRow("Instances.intermediate_steps", f"instance {i}: the action is not a name: {action!r:.60}")
             thought = log[1:].split("\nAction:")[0].strip() if isinstance(log, str) else ""
             parsed.append({"thought": thought, "action": action, "action_input": action_input,
                            "observation": str(observation)})
+        # the skips of ToolAlpaca's build_dataset.py: failed, over 5 steps, or only getDetails
+        if not parsed or "error" in instance or len(parsed) > 5 or all(p["action"] == "getDetails" for p in parsed):
+            continue
         records.append({"id": f"{name}-{i}", "api": name, "functions": functions,
                         "instruction": _field(instance, "input").rsplit("\nHint: ", 1)[0],
                         "steps": parsed, "final_thought": instance.get("Final Thought", ""),
@@ -292,6 +348,8 @@ def _tool_eval(api: dict, index: int) -> list[dict]:
         raise BadRow("Golden_Answers", f"{len(golden)} answers for {len(instructions)} instructions")
     records = []
     for i, (instruction, steps) in enumerate(zip(instructions, golden)):
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise BadRow("Instructions", f"instruction {i}: expected a non-empty string, got {instruction!r:.60}")
         if not isinstance(steps, list) or not all(isinstance(s, dict) and "Action" in s for s in steps):
             raise BadRow("Golden_Answers", f"instruction {i}: expected a list of {{Action, Action_Input}}")
         # `Observation` is the lab's addition (ToolAlpaca's files have none): fed back in multi-turn evaluation

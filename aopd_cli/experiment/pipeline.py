@@ -109,13 +109,14 @@ def _accepts(stage: str, base: list[str], override: str) -> bool:
     return True
 
 
-def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
+def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = True) -> dict:
     """Every stage in order under one parent run. Rerunning continues: finished stages (same config and
     inputs) are skipped, an interrupted one resumes, and the parent run is the same."""
     from rich.console import Console
 
     from aopd_cli.progress import say
-    from aopd_cli.stages.lifecycle import output_lock
+    from aopd_cli.stages.lifecycle import output_lock, read_record
+    from aopd_cli.stages.preflight import preflight_all
     from aopd_cli.stages.runner import run_stage
     from aopd_cli.tracking.runs_view import runs_link, table_columns
     from aopd_cli.tracking.store import resume_run, start_run
@@ -123,6 +124,8 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     from aopd_cli.training import distributed as dist
 
     dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
+    if check:  # every stage's inputs before any folder or run exists (a sweep checked its children already)
+        preflight_all(plan.configs)
     console = Console()
     first = next(iter(plan.configs.values()))
     record_file = plan.root / "aopd_pipeline.json"
@@ -130,7 +133,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None) -> dict:
     with output_lock(plan.root) if dist.is_main() else nullcontext():
         parent = NullTracker()
         if dist.is_main():
-            record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+            record = read_record(record_file) or {}
             if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
                 parent = resume_run(first.tracking, record["run_id"]) or NullTracker()
             if parent.run_id is None:

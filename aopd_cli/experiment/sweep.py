@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aopd_cli.config.compose import ConfigError, load_stage_config, sweep_values
+from aopd_cli.stages.lifecycle import external_fingerprints
+from aopd_cli.stages.preflight import preflight_all
 
 ALIASES = {name: f"objective.{name}" for name in ("tau", "beta", "top_k", "intervention", "zero_eps", "lam", "lmbda")}
 STAGES = ("warmup", "distill", "continual", "eval", "pipeline")
@@ -85,29 +87,39 @@ def _definitions_digest(stage: str, overrides: list[str]) -> str:
     return digest.hexdigest()
 
 
+def _target(stage: str, overrides: list[str], values: dict[str, str], out: Path, tags: dict[str, str] | None = None):
+    """A child's validated stage config, or its pipeline Plan, writing under `out`."""
+    child_overrides = overrides + [f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}"]
+    if stage == "pipeline":
+        from aopd_cli.experiment.pipeline import plan_pipeline
+
+        return plan_pipeline(child_overrides, extra_tags=tags, label=point_label(values))
+    return load_stage_config(stage, child_overrides)
+
+
+def _configs(stage: str, targets: list) -> list:
+    """The stage configs of children (a pipeline child has several)."""
+    return [config for t in targets for config in (t.configs.values() if stage == "pipeline" else [t])]
+
+
 def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) -> SweepPlan:
     if stage not in STAGES:
         raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}")
     command = json.dumps([stage, sorted(params), seeds, overrides])
-    # the same command after an edit to a recipe or experiment file is another sweep: its children would
-    # run other configs, and "done before" must never stand for runs of the old ones
-    sweep_id = hashlib.sha256((command + _definitions_digest(stage, overrides)).encode()).hexdigest()[:12]
+    # the same command after an edit to a recipe or experiment file, or to a data file it reads, is another
+    # sweep: its children would run other configs or data, and "done before" must never stand for old runs
+    # (a grid point reads what its seeds read: one probe per point, written nowhere)
+    probes = [_target(stage, overrides, {**point, "seed": "0"}, Path("outputs/sweeps/probe")) for point in expand(params)]
+    inputs = json.dumps([external_fingerprints(_configs(stage, [probe])) for probe in probes], sort_keys=True)
+    sweep_id = hashlib.sha256((command + _definitions_digest(stage, overrides) + inputs).encode()).hexdigest()[:12]
     root = Path("outputs") / "sweeps" / sweep_id
     children = []
     for point in expand(params):
         for seed in range(seeds):
             values = {**point, "seed": str(seed)}
             child_id = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
-            child_overrides = overrides + [f"{k}={v}" for k, v in values.items()]
             tags = {"sweep_id": sweep_id, "sweep_child": child_id, **{f"sweep.{k}": v for k, v in values.items()}}
-            if stage == "pipeline":
-                from aopd_cli.experiment.pipeline import plan_pipeline
-
-                target = plan_pipeline(child_overrides + [f"output_dir={root / child_id}"], extra_tags=tags,
-                                       label=point_label(values))
-            else:
-                target = load_stage_config(stage, child_overrides + [f"output_dir={root / child_id}"])
-            children.append(Child(child_id, values, tags, target))
+            children.append(Child(child_id, values, tags, _target(stage, overrides, values, root / child_id, tags)))
     first = children[0].target
     tracking = next(iter(first.configs.values())).tracking if stage == "pipeline" else first.tracking
     # the experiment as it was when the sweep ran: the report reads this, not the file as it is later
@@ -125,6 +137,10 @@ def run_sweep(plan: SweepPlan) -> None:
     from aopd_cli.tracking.store import find_runs, resume_run, start_run
 
     console = Console()
+    # every child's inputs before the sweep's run exists: a refused sweep leaves no run behind
+    configs = _configs(plan.stage, [c.target for c in plan.children])
+    preflight_all({f"{i}": config for i, config in enumerate(configs)} if plan.stage != "pipeline" else
+                  {f"{c.child_id}.{name}": config for c in plan.children for name, config in c.target.configs.items()})
     experiment, uri = plan.tracking.experiment, plan.tracking.uri
     parents = find_runs(uri, experiment, f"tags.sweep_parent = '{plan.sweep_id}'")
     parent = resume_run(plan.tracking, parents[0].info.run_id) if parents else start_run(
@@ -144,7 +160,7 @@ def run_sweep(plan: SweepPlan) -> None:
                 continue
             console.rule(f"[{number}/{len(plan.children)}] {label}")
             if plan.stage == "pipeline":  # the plan carries the tags to the pipeline run and its stages
-                run_pipeline(child.target, parent_run_id=parent.run_id)
+                run_pipeline(child.target, parent_run_id=parent.run_id, check=False)
             else:
                 name = " ".join(filter(None, [plan.stage, getattr(getattr(child.target, "objective", None), "name", ""),
                                               label]))
@@ -154,12 +170,13 @@ def run_sweep(plan: SweepPlan) -> None:
         console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
                       "(finished runs are skipped, the interrupted one continues from its checkpoint)")
         raise
+    except BaseException:  # a child that failed or was refused: the sweep's run says so, never RUNNING
+        parent.close("FAILED")
+        raise
     parent.close("FINISHED")
     if parent.run_id is None:
         console.print(f"[bold green]sweep {plan.sweep_id} done[/]")
         return
-    targets = [c.target for c in plan.children]
-    configs = [config for t in targets for config in (t.configs.values() if plan.stage == "pipeline" else [t])]
     link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
                      f"tags.sweep_id = '{plan.sweep_id}' and tags.stage != 'pipeline'")  # every stage of every child
     # soft_wrap: a command cut across lines cannot be pasted

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aopd_cli import metrics as names
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
+from aopd_cli.stages.lifecycle import read_record
 from aopd_cli.stages.onpolicy import (
     log_advantages,
     onpolicy_loop,
@@ -21,16 +22,15 @@ from aopd_cli.stages.onpolicy import (
 
 
 def run(config, session, prepared) -> Path:
-    records, student, teacher, base = prepared
+    student, teacher = prepared.student, prepared.teacher
     measured = session.out_dir / "before.json"
     with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
-        if session.resume_from is not None and measured.is_file():  # measured by the run this one continues
-            before = json.loads(measured.read_text())
-        else:
+        before = read_record(measured) if session.resume_from is not None else None  # the run this one continues
+        if before is None:
             before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
             session.tracker.log_metrics(before, step=0)
             measured.write_text(json.dumps(before))
-        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout)
+        checkpoint, advantages = onpolicy_loop(config, session, prepared, rollout)
         after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
     retention = {}
     for k in config.eval.k:

@@ -20,7 +20,7 @@ from aopd_cli.training.distributed import is_main
 
 
 def run(config, session, prepared) -> Path:
-    records, student, teacher, base = prepared
+    student, teacher = prepared.student, prepared.teacher
     with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
 
         def evaluate(step: int, tools: bool = False) -> dict[str, float]:
@@ -33,7 +33,7 @@ def run(config, session, prepared) -> Path:
 
         if config.train.eval_every and config.eval.benchmarks and session.resume_from is None:
             session.tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
-        checkpoint, advantages = onpolicy_loop(config, session, records, student, teacher, base, rollout,
+        checkpoint, advantages = onpolicy_loop(config, session, prepared, rollout,
                                                evaluate=evaluate)
         # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
         metrics = evaluate(config.train.steps, tools=True)

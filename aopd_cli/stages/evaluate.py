@@ -11,11 +11,15 @@ def prepare(config):
     from aopd_cli.training.models import load_policy, seed_everything
 
     seed_everything(config.seed)
+    from aopd_cli.stages.preflight import check_benchmark_prompts
+
     policy = load_policy(config.student, role="student", seed=config.seed)
     if config.rollout.engine == "vllm":  # refused here, before any run, when vLLM cannot run the model
         from aopd_cli.rollout.vllm import check_rollout_model
 
         check_rollout_model(policy)
+    check_benchmark_prompts(policy, config.eval, config.rollout.max_model_len if config.rollout.engine == "vllm"
+                            else None)
     return policy
 
 

@@ -15,6 +15,7 @@ folder it holds, the resume decision and the tracked run around it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -31,7 +32,7 @@ from aopd_cli.training.interrupts import StopFlag, handled_signals
 RUN_FILE, DONE_FILE, LOCK_FILE = "aopd_run.json", "aopd_done.json", ".aopd.lock"
 # keys that change what a stage computes; the rest (logging, evaluation, where to write) may change on resume
 NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached"}
-TRAINNOT_IDENTITY = {"log_every", "eval_every", "save_every", "keep_last", "max_skipped"}
+TRAIN_NOT_IDENTITY = {"log_every", "eval_every", "save_every", "keep_last", "max_skipped"}
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Session:
     resume_from: Path | None = None  # a step_N folder, or the final checkpoint (training done)
     start_step: int = 0  # steps done; -1: training finished, only what follows it is left
     parent_run_id: str | None = None  # a pipeline's or sweep's run, which says how to see the runs at its end
+    identity: str = ""  # of the configuration and inputs as they were when the run started
 
 
 
@@ -58,28 +60,104 @@ def fingerprint(path: str | Path) -> str:
                           ).hexdigest()[:16]
 
 
-def identity(config) -> str:
-    # evaluation settings are what an eval stage computes; for a training stage they only shape its curves
+def content_fingerprint(files: list[Path]) -> str:
+    """A digest of the files' names and bytes (an edited data file differs, a touched one does not)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{_file_digest(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}".encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """One file's content digest, read once per process for a given size and time (a sweep's children share)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprints(config) -> dict[str, str]:
+    """What the stage reads, by key: its model folders (file names, sizes and times: checkpoints are large)
+    and the content of every data and benchmark file (`hub` for a hub dataset, read by name)."""
+    from aopd_cli.config.paths import data_sources
+    from aopd_cli.data.loaders import source_files
+
+    found = {f"{role}.path={model.path}": fingerprint(model.path) for role in ("student", "teacher", "base")
+             if (model := getattr(config, role, None)) is not None and model.path}
+    for key, source, kind, split in data_sources(config):
+        files = source_files(kind, source, split)
+        found[f"{key}={source}"] = "hub" if files is None else content_fingerprint(files)
+    return found
+
+
+def external_fingerprints(configs) -> dict[str, str]:
+    """`input_fingerprints` of a pipeline's (or a sweep's) stages, in order, less the checkpoints its own
+    stages make: what the whole of it reads from outside."""
+    from aopd_cli.config.paths import checkpoints_made
+
+    made: set[Path] = set()
+    found = {}
+    for config in configs:
+        roles = {f"{role}.path={model.path}": Path(model.path).expanduser().resolve()
+                 for role in ("student", "teacher", "base")
+                 if (model := getattr(config, role, None)) is not None and model.path}
+        for key, value in input_fingerprints(config).items():
+            if key not in roles or roles[key] not in made:
+                found[key] = value
+        made |= {path.expanduser().resolve() for path in checkpoints_made(config)}
+    return found
+
+
+def config_digest(config) -> str:
+    """The configuration that changes what a stage computes. Evaluation settings are what an eval stage
+    computes; for a training stage they only shape its curves (and may change on resume)."""
     dump = config.model_dump(mode="json", exclude=NOT_IDENTITY - ({"eval"} if config.stage == "eval" else set()))
     if "train" in dump:
-        dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAINNOT_IDENTITY}
-    inputs = {role: fingerprint(model.path) for role in ("student", "teacher", "base")
-              if (model := getattr(config, role, None)) is not None and model.path}
-    return hashlib.sha256(json.dumps([dump, inputs], sort_keys=True).encode()).hexdigest()[:16]
+        dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAIN_NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read(path: Path) -> dict | None:
+def identity(config, inputs: dict[str, str] | None = None) -> str:
+    """The run's identity: its configuration and the fingerprints of what it reads."""
+    inputs = input_fingerprints(config) if inputs is None else inputs
+    return hashlib.sha256(json.dumps([config_digest(config), inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def what_changed(record: dict | None, config, inputs: dict[str, str]) -> str:
+    """Why an earlier run in the folder is not continued, in a few words."""
+    if record is None or "inputs" not in record:
+        return "the configuration changed"
+    changed = [key for key in inputs if record["inputs"].get(key) != inputs[key]]
+    if record.get("config") == config_digest(config) and changed:
+        return f"{changed[0]} changed since the earlier run" + (f" (and {len(changed) - 1} more)" if len(changed) > 1
+                                                                 else "")
+    return "the configuration changed"
+
+
+def read_record(path: Path) -> dict | None:
+    """A JSON record aopd wrote (run, done, pipeline), or None when it is absent; a damaged one (cut by a
+    crash, edited by hand) counts as absent, with a line naming it."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError):
+        say(f"warning: {path} is damaged (not the JSON aopd wrote): it is ignored")
+        return None
+    if not isinstance(record, dict):
+        say(f"warning: {path} is damaged (not the JSON aopd wrote): it is ignored")
+        return None
+    return record
 
 
 def finished_result(config):
     """The result of a finished run of this very configuration in its output folder, else None."""
     from aopd_cli.training.checkpoints import checkpoint_problem
 
-    done = _read(Path(config.output_dir) / DONE_FILE)
+    done = read_record(Path(config.output_dir) / DONE_FILE)
     if done is None or done.get("identity") != identity(config):
         return None
     result = done["result"]
@@ -137,20 +215,20 @@ def _archive(out_dir: Path, why: str) -> None:
 def _newest(out_dir: Path) -> tuple[Path | None, int]:
     if (out_dir / "checkpoint" / "config.json").is_file():
         return out_dir / "checkpoint", -1  # training finished; -1: the loop has no step left to run
-    steps = step_dirs(out_dir)
+    steps = step_dirs(out_dir, say_damaged=True)  # a damaged newest one is named and passed over
     return (steps[-1][1], steps[-1][0]) if steps else (None, 0)
 
 
-def _decide(config, out_dir: Path, ident: str) -> tuple[dict | None, Path | None, int]:
+def _decide(config, out_dir: Path, ident: str, inputs: dict[str, str]) -> tuple[dict | None, Path | None, int]:
     """(the earlier run's record to continue, resume point, steps done), archiving what is not continued."""
-    record = _read(out_dir / RUN_FILE)
+    record = read_record(out_dir / RUN_FILE)
     earlier = record is not None or step_dirs(out_dir) or (out_dir / "checkpoint").exists()
     if earlier and (config.resume == "never" or (record or {}).get("identity") != ident):
         if record and record.get("run_id"):
             from aopd_cli.tracking.store import mark_run
 
             mark_run(config.tracking, record["run_id"], "KILLED")
-        _archive(out_dir, "resume=never" if config.resume == "never" else "the configuration changed")
+        _archive(out_dir, "resume=never" if config.resume == "never" else what_changed(record, config, inputs))
         return None, None, 0
     resume_from, step = _newest(out_dir)
     return record, resume_from, step
@@ -162,12 +240,13 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
     from aopd_cli.tracking.store import resume_run, start_run
     from aopd_cli.tracking.tracker import BACKLOG_FILE, NullTracker, closing
 
-    out_dir, ident = Path(config.output_dir), identity(config)
+    out_dir, inputs = Path(config.output_dir), input_fingerprints(config)
+    ident = identity(config, inputs)
     with output_lock(out_dir) if dist.is_main() else nullcontext():
         plan = None
         if dist.is_main():
             tidy(out_dir)
-            record, resume_from, step = _decide(config, out_dir, ident)
+            record, resume_from, step = _decide(config, out_dir, ident, inputs)
             plan = (record, str(resume_from) if resume_from else None, step)
         record, resume_from, step = dist.broadcast(plan)
         resume_from = Path(resume_from) if resume_from else None
@@ -191,7 +270,8 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
         with closing(tracker), handled_signals() as stop:
             if dist.is_main():
                 (out_dir / RUN_FILE).write_text(json.dumps({"identity": ident, "run_id": tracker.run_id,
-                                                            "tracking_uri": config.tracking.uri}))
+                                                            "tracking_uri": config.tracking.uri,
+                                                            "config": config_digest(config), "inputs": inputs}))
                 if not resumed:
                     tracker.log_params(flatten(config.model_dump(mode="json")))
                     (out_dir / CONFIG_FILE).write_text(to_yaml(config))
@@ -200,7 +280,8 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
                 total = getattr(getattr(config, "train", None), "steps", 0)
                 say(f"resuming {run_name or config.stage} from step {total if step < 0 else step} of {total} "
                     f"({resume_from})")
-            yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step, parent_run_id)
+            yield Session(config, out_dir, tracker, stop, run_name or config.stage, resume_from, step, parent_run_id,
+                          ident)
 
 
 def log_dataset(session: Session, context: str, source: str, records: list) -> None:
@@ -215,7 +296,7 @@ def finish(session: Session, result) -> None:
     """Record the stage as done (its identity and result), so rerunning it does nothing."""
     if dist.is_main():
         value = str(result) if isinstance(result, Path) else result
-        (session.out_dir / DONE_FILE).write_text(json.dumps({"identity": identity(session.config), "result": value,
+        (session.out_dir / DONE_FILE).write_text(json.dumps({"identity": session.identity, "result": value,
                                                              "run_id": session.tracker.run_id}))
         say(f"{session.config.stage} done: {session.out_dir}"
             + (f" (MLflow run {session.tracker.run_id})" if session.tracker.run_id else ""))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,26 +20,37 @@ import torch
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import chat_ids, math_messages, tool_turns
-from aopd_cli.errors import UserError
+from aopd_cli.errors import ConfigError, UserError
 from aopd_cli.eval.math import grade_math
 from aopd_cli.eval.tools import grade_turn
 from aopd_cli.rollout.engines import make_rollout
 from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
 from aopd_cli.stages.lifecycle import log_dataset
-from aopd_cli.teacher.scorers import check_teacher, hf_scorer, score_rows, teacher_scorer
+from aopd_cli.stages.preflight import check_benchmark_prompts, context_of, fit_prompts
+from aopd_cli.teacher.scorers import check_teacher, hf_scorer, score_rows, teacher_scorer, vocabulary_of
 from aopd_cli.training import distributed as dist
 from aopd_cli.training.batches import micro_batches
 from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
 from aopd_cli.training.models import check_compatible, load_policy, seed_everything
-from aopd_cli.training.objectives import OBJECTIVES, global_normalizer
+from aopd_cli.training.objectives import OBJECTIVES, global_normalizer, objective_loss
 from aopd_cli.training.update import MicroBatch
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
 
 
-def prepare(config):
+@dataclass
+class Prepared:
+    records: list[dict]  # one per prompt (a tool record: one per assistant turn)
+    prompts: list[list[int]]  # their token ids, through the chat template
+    student: object
+    teacher: object | None
+    base: object | None
+
+
+def prepare(config) -> Prepared:
     """Seeds, the prompts (math for distill, tools for continual) and the models, checked before any run
-    or work starts: a missing dataset or checkpoint, or a teacher with another vocabulary, stops here."""
+    or work starts: a missing dataset or checkpoint, a teacher with another vocabulary, a top-K past the
+    vocabulary or a prompt past the model's context stops here."""
     seed_everything(config.seed)
     records = load_data(config.data, "prompts" if config.stage == "distill" else "tool_train")
     spec = OBJECTIVES[config.objective.name]
@@ -46,7 +58,17 @@ def prepare(config):
         raise UserError(f"objective.lmbda={config.objective.lmbda} mixes in the dataset's reference responses, but "
                         f"data {config.data.source!r} has none for some prompts (DeepMath's r1_solution_1 gives them); "
                         "use objective.lmbda=1")
-    return (records, *load_models(config))
+    student, teacher, base = load_models(config)
+    if config.stage != "distill":  # one prompt per assistant turn: a call after the golden history, or the answer
+        records = tool_turns(records, config.data.prompt_style)
+    prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix)
+                        if config.stage == "distill" else r["messages"], add_generation_prompt=True) for r in records]
+    vllm_limit = config.rollout.max_model_len if config.rollout.engine == "vllm" else None
+    prompts, records = fit_prompts(prompts, records, limit=context_of(student, config.train.max_seq_len, vllm_limit),
+                                   new_tokens=config.rollout.max_new_tokens, what=f"data.source {config.data.source}",
+                                   on_bad_row=config.data.on_bad_row)
+    check_benchmark_prompts(student, config.eval, vllm_limit)
+    return Prepared(records, prompts, student, teacher, base)
 
 
 def load_models(config):
@@ -56,6 +78,9 @@ def load_models(config):
     spec = OBJECTIVES[config.objective.name]
     student = load_policy(config.student, role="student", seed=config.seed, trainable=True,
                           activation_checkpointing=config.train.activation_checkpointing)
+    top_k, vocabulary = getattr(config.objective, "top_k", None), vocabulary_of(student)
+    if top_k is not None and top_k > vocabulary:
+        raise ConfigError(f"objective.top_k={top_k}: more than the student's vocabulary of {vocabulary:,} tokens")
     teacher = None
     if config.teacher.engine == "hf" or spec.samples_from == "teacher":
         teacher = load_policy(config.teacher, role="teacher", device=student.device)
@@ -104,18 +129,6 @@ def rollout_micro_batches(batch: RolloutBatch, size: int, token_budget: int | No
     return micro_batches(ids_BL, attn_BL, batch.prompt_ids_BP.shape[1], batch.response_mask_BR, size, token_budget)
 
 
-def objective_loss(objective):
-    """(head, micro, normalizer) -> ObjectiveOutput for the configured objective (micro on the device)."""
-    spec = OBJECTIVES[objective.name]
-    options = {key: getattr(objective, key) for key in spec.options}
-
-    def loss(head, micro, normalizer):
-        available = {"teacher": micro.teacher, "base_logprobs": micro.base_logprobs_BT, "correct": micro.correct_B}
-        inputs = {key: available[key] for key in spec.inputs}
-        return spec.loss(head, micro.targets_BT, micro.mask_BT, **inputs, **options, normalizer=normalizer)
-    return loss
-
-
 def _reference_batch(policy, prompts, references) -> RolloutBatch:
     """GKD's off-policy half: the dataset's reference responses in the rollout layout."""
     prompt_ids, prompt_mask = left_pad(prompts, policy.tokenizer.pad_token_id)
@@ -127,21 +140,18 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
-def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rollout, *,
-                  evaluate=None) -> tuple[Path, torch.Tensor]:
+def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, evaluate=None) -> tuple[Path, torch.Tensor]:
     """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
     Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
+    records, prompts, student, teacher, base = (prepared.records, prepared.prompts, prepared.student, prepared.teacher,
+                                                prepared.base)
     log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
-    is_math = config.stage == "distill"
-    if not is_math:  # one prompt per assistant turn: a call after the golden history, or the final answer
-        records = tool_turns(records, config.data.prompt_style)
-    prompts = [chat_ids(student.tokenizer, math_messages(r["problem"], config.data.prompt_suffix) if is_math
-                        else r["messages"], add_generation_prompt=True) for r in records]
     remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
-    rng, advantages = random.Random(config.seed), []
+    rng = random.Random(config.seed)
+    diagnostics = {"advantages": []}  # a sample of the advantages seen (saved with each step checkpoint)
     # the engine's log-probs of the step's samples, and how far the loss's own values are from them
     drift = {"step": None, "engine_logprobs_BR": None, "max": 0.0, "sum": 0.0, "count": 0}
 
@@ -185,6 +195,7 @@ def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rol
 
     def loss_fn(head, micro, normalizer):
         output = base_loss(head, micro, normalizer)
+        advantages = diagnostics["advantages"]
         if output.advantages is not None and sum(a.numel() for a in advantages) < ADVANTAGE_SAMPLE:
             advantages.append(output.advantages.detach().float().cpu())
         engine_BR = drift["engine_logprobs_BR"]
@@ -218,7 +229,9 @@ def onpolicy_loop(config, session, records, student, teacher, base, rollout: Rol
         scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
     with scorer as score:  # make_step reads `score` when it runs
         checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
-                                after_update=after_update, evaluate=evaluate, label=session.name)
+                                after_update=after_update, evaluate=evaluate, label=session.name,
+                                diagnostics=diagnostics)
+    advantages = diagnostics["advantages"]
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 

@@ -1,7 +1,9 @@
 """Everything a stage needs, checked before it starts (before any model loads and anything is written):
-its input files and checkpoints (present, and whole: a truncated safetensors is caught here), an output
-folder it can write, room on disk for one checkpoint, and a tracking store that answers. Each problem is
-one line naming the key or file.
+its input files and checkpoints (present, and whole: a truncated safetensors is caught here), the rows of
+every benchmark it will evaluate on (and, for a pipeline, of every local data file its stages read), an
+output folder it can write, room on disk for one checkpoint, and a tracking store that answers. Once the
+models are loaded (still before any folder or run exists), the prompts are checked against the model's
+context (`fit_prompts`, `check_benchmark_prompts`). Each problem is one line naming the key, file or row.
 
     aopd distill data.source=./nowhere.jsonl
 """
@@ -30,6 +32,77 @@ def check_inputs(config) -> None:
             broken = checkpoint_problem(Path(value).expanduser())
             if broken:
                 raise UserError(f"{key}={value}: not a whole checkpoint: {broken}")
+
+
+def check_benchmarks(config) -> None:
+    """Every benchmark the stage evaluates on is read now, not after training: a malformed row or an empty
+    file is one line naming it."""
+    from aopd_cli.data.loaders import load_records
+
+    evaluation = getattr(config, "eval", None)
+    if evaluation is None:
+        return
+    for key, kind, sources in (("eval.benchmarks", "math_benchmark", evaluation.benchmarks),
+                               ("eval.tool_benchmarks", "tool_eval", evaluation.tool_benchmarks)):
+        for source in sources:
+            if not load_records(kind, source):
+                raise UserError(f"{key}: {source} has no rows to evaluate on")
+
+
+def check_local_data(config) -> None:
+    """The rows of the local data files a stage trains on (a pipeline checks every stage's up front)."""
+    from aopd_cli.data.loaders import load_data
+
+    kinds = {"warmup": "sft", "distill": "prompts", "continual": "tool_train"}
+    for name, kind in (("data", kinds.get(config.stage)), ("tool_data", "tool_train")):
+        data = getattr(config, name, None)
+        if data is not None and kind and names_a_path(data.source):
+            load_data(data, kind)
+
+
+def context_of(policy, *limits: int | None) -> int:
+    """The longest sequence the model takes (its `max_position_embeddings`), narrowed by the limits set
+    (`train.max_seq_len`, `rollout.max_model_len`)."""
+    own = getattr(policy.model.config, "max_position_embeddings", None)
+    return min(limit for limit in (own, *limits) if limit)
+
+
+def fit_prompts(prompts: list[list[int]], records: list[dict], *, limit: int, new_tokens: int, what: str,
+                on_bad_row: str, hint: str = "data.on_bad_row=skip leaves them out"
+                ) -> tuple[list[list[int]], list[dict]]:
+    """Prompts that leave room for `new_tokens` within `limit`; a longer one stops the stage before any
+    work (one line naming it), or is left out with `data.on_bad_row=skip` (counted)."""
+    too_long = [i for i, prompt in enumerate(prompts) if len(prompt) + new_tokens > limit]
+    if not too_long:
+        return prompts, records
+    first = too_long[0]
+    if on_bad_row == "raise":
+        raise UserError(f"{what}: prompt {records[first].get('id', first)!r} is {len(prompts[first]):,} tokens; with "
+                        f"{new_tokens:,} new tokens that passes the model's context of {limit:,} tokens "
+                        f"({len(too_long)} prompt(s) are too long; {hint})")
+    print(f"aopd: {what}: left out {len(too_long)} prompt(s) too long for the model's context of {limit:,} tokens "
+          f"with {new_tokens:,} new tokens", flush=True)
+    kept = [i for i in range(len(prompts)) if i not in set(too_long)]
+    if not kept:
+        raise UserError(f"{what}: every prompt is too long for the model's context of {limit:,} tokens")
+    return [prompts[i] for i in kept], [records[i] for i in kept]
+
+
+def check_benchmark_prompts(policy, evaluation, *limits: int | None) -> None:
+    """Each benchmark problem (a tool instruction's first turn) leaves room for `eval.max_new_tokens`."""
+    from aopd_cli.data.loaders import load_records
+    from aopd_cli.data.prompts import chat_ids, math_messages, tool_messages
+
+    limit = context_of(policy, *limits)
+    for key, kind, sources in (("eval.benchmarks", "math_benchmark", evaluation.benchmarks),
+                               ("eval.tool_benchmarks", "tool_eval", evaluation.tool_benchmarks)):
+        for source in sources:
+            records = load_records(kind, source)[: evaluation.limit]
+            messages = [math_messages(r["problem"], evaluation.prompt_suffix) if kind == "math_benchmark"
+                        else tool_messages(r, evaluation.tool_prompt_style) for r in records]
+            prompts = [chat_ids(policy.tokenizer, m, add_generation_prompt=True) for m in messages]
+            fit_prompts(prompts, records, limit=limit, new_tokens=evaluation.max_new_tokens, what=f"{key} {source}",
+                        on_bad_row="raise", hint="shorten them, or lower eval.max_new_tokens")
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -77,7 +150,30 @@ def check_tracking(config) -> None:
         connect(config.tracking.uri)
 
 
+def preflight_all(configs: dict) -> None:
+    """A pipeline's stages (name -> config, in order; or every stage of a sweep's children) checked before
+    its first run exists: inputs present unless an earlier stage makes them, every benchmark's rows and
+    every local data file's rows read once, output folders writable, the tracking store answering."""
+    from aopd_cli.config.paths import plan_missing
+
+    problems = plan_missing(configs)
+    if problems:
+        raise ConfigError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    seen: set[tuple] = set()
+    for config in configs.values():
+        key = (config.data.source if getattr(config, "data", None) else None, str(getattr(config, "eval", "")))
+        if key not in seen:
+            seen.add(key)
+            check_benchmarks(config)
+            check_local_data(config)
+        check_output(config, training=False)
+    first = next(iter(configs.values()), None)
+    if first is not None:
+        check_tracking(first)
+
+
 def preflight(config) -> None:
     check_inputs(config)
+    check_benchmarks(config)
     check_output(config, training=config.stage != "eval")
     check_tracking(config)

@@ -18,11 +18,13 @@ from pathlib import Path
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
 from aopd_cli.data.prompts import sft_example, tool_sft_messages
+from aopd_cli.errors import UserError
 from aopd_cli.eval.harness import evaluate_policy, print_metrics
 from aopd_cli.progress import say
 from aopd_cli.rollout.engines import make_rollout
 from aopd_cli.rollout.interface import right_pad
 from aopd_cli.stages.lifecycle import log_dataset
+from aopd_cli.stages.preflight import check_benchmark_prompts, context_of
 from aopd_cli.training.batches import micro_batches
 from aopd_cli.training.checkpoints import checkpoint_problem
 from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
@@ -34,14 +36,17 @@ from aopd_cli.training.update import MicroBatch
 def cache_key(config) -> str:
     from aopd_cli import __version__
     from aopd_cli.data.lab import LAB_VERSION
-    from aopd_cli.stages.lifecycle import TRAINNOT_IDENTITY
+    from aopd_cli.stages.lifecycle import TRAIN_NOT_IDENTITY, input_fingerprints
 
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
-    content["train"] = {k: v for k, v in content["train"].items() if k not in TRAINNOT_IDENTITY}
+    content["train"] = {k: v for k, v in content["train"].items() if k not in TRAIN_NOT_IDENTITY}
     start = content["student"].get("path")
     if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
         content["student"]["path"] = Path(start).resolve().name
-    blob = json.dumps([content, LAB_VERSION, __version__], sort_keys=True)
+    # the content of its data, not only their names: an edited conversations file is another warm-up
+    data = {key: fingerprint for key, fingerprint in input_fingerprints(config).items() if not key.startswith("eval.")
+            and not key.startswith("student.")}
+    blob = json.dumps([content, data, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -73,6 +78,7 @@ def prepare(config):
         conversations += [tool_sft_messages(r, config.tool_data.prompt_style) for r in datasets[1][2]]
     policy = load_policy(config.student, role="student", seed=config.seed, trainable=True,
                          activation_checkpointing=config.train.activation_checkpointing)
+    check_benchmark_prompts(policy, config.eval)
     return conversations, policy, datasets
 
 
@@ -87,10 +93,15 @@ def run(config, session, prepared) -> Path:
     for context, source, records in datasets:
         log_dataset(session, context, source, records)
     examples = [sft_example(policy.tokenizer, messages, policy.stop_ids) for messages in conversations]
-    examples, too_long = fit_length(examples, train.max_seq_len, train.too_long)
+    limit = context_of(policy, train.max_seq_len)  # a conversation past the model's context never reaches it
+    examples, too_long = fit_length(examples, limit, train.too_long)
     if too_long:
-        say(f"{too_long} of {len(conversations)} examples are longer than train.max_seq_len={train.max_seq_len}: "
-            f"{'dropped' if train.too_long == 'drop' else 'truncated'}")
+        what = f"train.max_seq_len={train.max_seq_len}" if limit == train.max_seq_len else \
+            f"the model's context ({limit:,} tokens)"
+        say(f"{too_long} of {len(conversations)} examples are longer than {what}: "
+            f"{'dropped' if train.too_long == 'drop' else 'truncated'} (train.too_long)")
+    if not examples:
+        raise UserError(f"every example is longer than {limit:,} tokens and train.too_long=drop left none")
     session.tracker.log_metrics({f"data/{train.too_long}_examples": too_long, "data/examples": len(examples)}, step=0)
     rng = random.Random(config.seed)
     rollout = make_rollout("hf", policy, None, config.eval.batch_size)

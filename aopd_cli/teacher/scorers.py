@@ -89,8 +89,8 @@ def check_teacher(teacher, student, top_k: int) -> None:
         raise UserError(f"teacher.path: cannot load {teacher.path!r}: {str(err)[:300]}") from None
     check_model(config, key, "teacher")
     problems = []
-    if config.vocab_size != _vocabulary(student):
-        problems.append(f"output vocabulary {config.vocab_size} vs the student's {_vocabulary(student)}")
+    if config.vocab_size != vocabulary_of(student):
+        problems.append(f"output vocabulary {config.vocab_size} vs the student's {vocabulary_of(student)}")
     if tokenizer.get_vocab() != student.tokenizer.get_vocab():
         problems.append(f"tokenizer vocabulary ({len(tokenizer)} tokens vs {len(student.tokenizer)})")
     if stop_token_ids(tokenizer) != student.stop_ids:
@@ -120,7 +120,7 @@ def teacher_scorer(teacher_cfg, teacher, student, top_k: int, log_dir: Path):
             # ids in, log-probs out: without a tokenizer vLLM does not decode every top-K entry (6x faster)
             skip_tokenizer_init=True)
         try:
-            yield vllm_scorer(llm, k, _vocabulary(student))
+            yield vllm_scorer(llm, k, vocabulary_of(student))
         finally:
             close()
         return
@@ -131,7 +131,7 @@ def teacher_scorer(teacher_cfg, teacher, student, top_k: int, log_dir: Path):
     with teacher_url(teacher_cfg, k, dtype, log_dir / "teacher_server.log") as url:
         model = served_model(url, teacher_cfg.timeout_s)
         check_server(url, model, student.tokenizer, k, teacher_cfg.timeout_s)
-        yield server_scorer(url, model, k, _vocabulary(student), teacher_cfg)
+        yield server_scorer(url, model, k, vocabulary_of(student), teacher_cfg)
 
 
 def score_rows(score: Scorer, micro_batches: list[MicroBatch], whole: MicroBatch) -> None:
@@ -192,13 +192,14 @@ def server_scorer(url: str, model: str, k: int, vocabulary: int, teacher_cfg) ->
     return score
 
 
-def _vocabulary(student) -> int:
+def vocabulary_of(student) -> int:
+    """Rows of the student's output layer: the ids a scorer may rank."""
     return student.model.get_output_embeddings().weight.shape[0]
 
 
 def _clamped(top_k: int, student) -> int:
     # vLLM with max_logprobs above the vocabulary lets an oversize K crash the engine's step
-    return min(top_k, _vocabulary(student))
+    return min(top_k, vocabulary_of(student))
 
 
 def _sequences(micro: MicroBatch) -> list[tuple[list[int], int, int]]:

@@ -8,11 +8,9 @@ The default store is MLflow's own default, a SQLite file `mlflow.db` in the work
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,19 +36,26 @@ def _quiet() -> None:
 
 @contextmanager
 def _sqlite_creation_lock(uri: str):
-    """Two first runs in a new folder would both create `mlflow.db`'s tables: one waits for the other."""
+    """Two first runs in a new folder would both create `mlflow.db`'s tables: one waits for the other. The
+    lock is a file beside the store (never a shared, predictable name in /tmp), opened without following
+    a link."""
     if not uri.startswith("sqlite:"):
         yield
         return
     import fcntl
 
-    key = hashlib.sha256(os.path.abspath(uri.split(":///", 1)[-1]).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"aopd-mlflow-{key}.lock", "w") as handle:
+    store = Path(uri.split(":///", 1)[-1])
+    lock = store.with_name(f".{store.name}.aopd-lock")
+    try:
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as err:  # a link planted there, or a folder aopd cannot write: the store would fail too
+        raise UserError(f"tracking store {uri!r}: cannot take its lock {lock} ({err.strerror})") from None
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
 
 
 def connect(uri: str | None):

@@ -182,9 +182,15 @@ def _apply(client, run_id: str, record: dict) -> None:
 def send_backlog(client, backlog: Path) -> int | None:
     """Apply every queued record in order; the number sent, or None when the store does not answer
     (the records not yet sent stay in the file)."""
-    lines = [line for line in backlog.read_text().splitlines() if line.strip()]
+    lines = [line for line in backlog.read_text(errors="replace").splitlines() if line.strip()]
     for index, line in enumerate(lines):
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+            record["op"], record["run_id"]
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash mid-write: the rest still goes
+            print(f"aopd: warning: {backlog}: line {index + 1} is damaged (cut by a crash?) and is dropped",
+                  file=sys.stderr)
+            continue
         try:
             _apply(client, record["run_id"], record)
         except Exception:  # noqa: BLE001 - still away: keep what is left

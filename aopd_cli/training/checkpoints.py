@@ -31,7 +31,8 @@ from aopd_cli.training import distributed as dist
 CONFIG_FILE = "aopd_config.yaml"  # the resolved config, in a checkpoint and in a stage's output folder
 STATE_FILE = "training_state.pt"  # the optimizer state a final checkpoint may carry
 STEP_RE = re.compile(r"^step_(\d+)$")
-META_FILE = "meta.json"  # written last: a step folder without it is not whole
+META_FILE = "meta.json"  # written last, with the manifest of the folder's files: without it, not whole
+CHECKSUM_BELOW = 64 * 2**20  # files of a step folder smaller than this are checksummed, larger ones sized
 
 
 # ---------------------------------------------------------------- RNG
@@ -66,14 +67,53 @@ def _tuples(value):
 
 
 # ---------------------------------------------------------------- step checkpoints
-def step_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    """Whole step checkpoints, oldest first."""
+def step_dirs(out_dir: Path, *, say_damaged: bool = False) -> list[tuple[int, Path]]:
+    """Whole step checkpoints, oldest first: every file their manifest lists is there with its size (and,
+    for the small files, its checksum). A damaged one is left out (named, with `say_damaged`)."""
     found = []
     for path in Path(out_dir).glob("step_*"):
         match = STEP_RE.match(path.name)
-        if match and (path / META_FILE).is_file():
+        if not match or not (path / META_FILE).is_file():
+            continue
+        problem = step_problem(path)
+        if problem is None:
             found.append((int(match[1]), path))
+        elif say_damaged and dist.is_main():
+            print(f"aopd: warning: {path} is damaged ({problem}): skipped, resuming from the checkpoint before it",
+                  flush=True)
     return sorted(found)
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """Relative path -> [size, sha256 or None] of every file in a step folder (checksums of files under
+    CHECKSUM_BELOW bytes: the trainer states, DCP's metadata; the weight shards are checked by size)."""
+    import hashlib
+
+    entries = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE):
+        size = file.stat().st_size
+        digest = hashlib.sha256(file.read_bytes()).hexdigest() if size < CHECKSUM_BELOW else None
+        entries[str(file.relative_to(folder))] = [size, digest]
+    return entries
+
+
+def step_problem(folder: Path) -> str | None:
+    """Why a step folder is not whole (a file missing, cut short or changed), or None."""
+    import hashlib
+
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{META_FILE} unreadable"
+    for name, (size, digest) in meta.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} were written"
+        if digest is not None and hashlib.sha256(file.read_bytes()).hexdigest() != digest:
+            return f"{name} is not what was written (checksum)"
+    return None
 
 
 def save_step(out_dir: Path, step: int, model, optimizer, scheduler, *, sampler: random.Random | None,
@@ -97,7 +137,8 @@ def save_step(out_dir: Path, step: int, model, optimizer, scheduler, *, sampler:
                    staging / f"rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size()}))
+        (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(),
+                                                     "files": _manifest(staging)}))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for _, old in step_dirs(out_dir)[:-keep_last]:

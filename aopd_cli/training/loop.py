@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import torch
+
 from aopd_cli import metrics as names
 from aopd_cli.errors import Interrupted, UserError
 from aopd_cli.progress import progress, say
@@ -21,6 +23,8 @@ from aopd_cli.training import distributed as dist
 from aopd_cli.training.checkpoints import load_step, load_weights, save_final, save_step, step_dirs
 from aopd_cli.training.models import Policy
 from aopd_cli.training.update import MicroBatch, make_optimizer, update
+
+DIAGNOSTICS_FILE = "diagnostics.pt"  # the stage's diagnostics at the end of training
 
 
 class Run(Protocol):
@@ -51,14 +55,19 @@ def sample_indices(rng, population: int, count: int) -> list[int]:
 
 def train_loop(session: Run, policy: Policy, *, make_step: Callable[[int], StepBatch], loss_fn: Callable,
                sampler: random.Random, after_update: Callable[[], None] = lambda: None,
-               evaluate: Callable[[int], dict[str, float]] | None = None, label: str = "train") -> Path:
-    """Run the stage's optimizer steps (from where an earlier run stopped) and return the final checkpoint."""
+               evaluate: Callable[[int], dict[str, float]] | None = None, label: str = "train",
+               diagnostics: dict | None = None) -> Path:
+    """Run the stage's optimizer steps (from where an earlier run stopped) and return the final checkpoint.
+    `diagnostics`: what the stage accumulates over its steps (tensors, lists of them), saved in every step
+    checkpoint and restored into the same dict on resume, so a resumed run's sample is the whole run's."""
     from aopd_cli.config.compose import to_yaml
 
     config, tracker, out_dir = session.config, session.tracker, session.out_dir
     train = config.train
     if session.start_step < 0:  # an earlier run finished training: its weights, then what follows training
         load_weights(policy.model, session.resume_from)
+        if diagnostics is not None and (out_dir / DIAGNOSTICS_FILE).is_file():
+            diagnostics.update(torch.load(out_dir / DIAGNOSTICS_FILE, weights_only=True))
         return session.resume_from
     if train.batch_size < dist.world_size():
         raise UserError(f"train.batch_size={train.batch_size}: at least one prompt per rank is needed "
@@ -68,11 +77,13 @@ def train_loop(session: Run, policy: Policy, *, make_step: Callable[[int], StepB
     if session.resume_from is not None:
         state = load_step(session.resume_from, policy.model, optimizer, scheduler, sampler=sampler)
         start, skipped = state["step"], state.get("skipped", 0)
+        if diagnostics is not None:
+            diagnostics.update(state.get("diagnostics", {}))
         after_update()  # the rollout engine samples from the restored weights
 
     def checkpoint(step: int) -> Path:
         return save_step(out_dir, step, policy.model, optimizer, scheduler, sampler=sampler,
-                         keep_last=train.keep_last, extra={"skipped": skipped})
+                         keep_last=train.keep_last, extra={"skipped": skipped, "diagnostics": diagnostics or {}})
 
     with progress(label, train.steps, start, train.log_every) as advance:
         for step in range(start, train.steps):
@@ -111,6 +122,8 @@ def train_loop(session: Run, policy: Policy, *, make_step: Callable[[int], StepB
                 path = out_dir / f"step_{step + 1}" if saved else checkpoint(step + 1)
                 raise Interrupted(int(stop), f"stopped after step {step + 1} of {train.steps}; a checkpoint is in "
                                              f"{path}: rerun the same command to resume from it")
+    if diagnostics is not None and dist.is_main():  # what a run resumed after training still needs
+        torch.save(diagnostics, out_dir / DIAGNOSTICS_FILE)
     return save_final(policy, out_dir / "checkpoint", config_yaml=to_yaml(config))
 
 

@@ -277,3 +277,17 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "seqkd": ObjectiveSpec(seqkd_loss, ("reduction",), samples_from="teacher"),
     "exopd": ObjectiveSpec(exopd_loss, ("lam", "reduction"), ("teacher", "base_logprobs")),
 }
+
+
+def objective_loss(objective):
+    """(head, micro, normalizer) -> ObjectiveOutput for the configured objective (`objective` a config
+    section; `micro` a training.update.MicroBatch on the device): the table says which of the micro-batch's
+    inputs and which options it takes."""
+    spec = OBJECTIVES[objective.name]
+    options = {key: getattr(objective, key) for key in spec.options}
+
+    def loss(head, micro, normalizer):
+        available = {"teacher": micro.teacher, "base_logprobs": micro.base_logprobs_BT, "correct": micro.correct_B}
+        inputs = {key: available[key] for key in spec.inputs}
+        return spec.loss(head, micro.targets_BT, micro.mask_BT, **inputs, **options, normalizer=normalizer)
+    return loss
