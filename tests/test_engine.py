@@ -100,12 +100,20 @@ def test_teacher_scorer_returns_full_vocabulary_topk_and_token_logprobs(policy):
     assert torch.allclose(scored.topk_logprobs, expected.topk(4, -1).values, atol=1e-5)
 
 
+def grad_recording(optimizer, model) -> list:
+    """The gradients each step of `optimizer` sees (`update` frees them once the step is taken)."""
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append([p.grad.clone() for p in model.parameters()]))
+    return seen
+
+
 def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
     results = []
     for micro_size in (2, 5):
         policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True)
         # lr 0: the step leaves the weights alone, so the accumulated gradients themselves are compared
         optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+        seen = grad_recording(optimizer, policy.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 90, (5, 9), generator=gen)
@@ -117,7 +125,8 @@ def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
                         lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
                         global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
         loss, grad_norm = result.loss, result.grad_norm
-        results.append((loss, grad_norm, [p.grad.clone() for p in policy.model.parameters()]))
+        results.append((loss, grad_norm, seen[-1]))
+        assert all(p.grad is None for p in policy.model.parameters())  # freed once the step is taken
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
     for small, large in zip(results[0][2], results[1][2]):
@@ -130,6 +139,7 @@ def test_activation_checkpointing_gives_the_same_gradients(lab_cache):
         policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True,
                              activation_checkpointing=checkpointing)
         optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+        seen = grad_recording(optimizer, policy.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 90, (4, 9), generator=gen)
@@ -138,7 +148,7 @@ def test_activation_checkpointing_gives_the_same_gradients(lab_cache):
         update(policy, optimizer, scheduler, micro,
                lambda head, m, norm: seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=norm),
                global_normalizer(mask, "seq-mean-token-mean"), grad_clip=100.0)
-        grads.append([p.grad.clone() for p in policy.model.parameters()])
+        grads.append(seen[-1])
     for plain, recomputed in zip(*grads):
         assert torch.allclose(plain, recomputed, atol=1e-6)
 

@@ -80,9 +80,11 @@ def target_hidden(model, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]
     return hidden_BLH[:, micro.first_target - 1:-1], weight_VH
 
 
-def make_optimizer(model, train):
+def make_optimizer(model, train, foreach: bool | None = None):
+    """AdamW over fp32 (master) parameters and its schedule. `foreach`: PyTorch's choice (on for CUDA
+    tensors) unless given; the memory trace, on the CPU, asks for the GPU's."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), foreach=foreach)
 
     def factor(step: int) -> float:
         if train.warmup_steps and step < train.warmup_steps:
@@ -140,6 +142,9 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
         return StepResult(total_loss, grad_norm, metrics, stepped=False)
     optimizer.step()
     scheduler.step()
+    # the gradients are spent: freed now, not at the next step's start, so rollouts, scoring and a vLLM
+    # engine waking up between steps have their memory (4 bytes a parameter, sharded)
+    optimizer.zero_grad(set_to_none=True)
     return StepResult(total_loss, grad_norm, metrics, stepped=True)
 
 
