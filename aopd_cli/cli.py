@@ -255,15 +255,20 @@ def list_options(group: Optional[str] = typer.Argument(None, help="a recipe grou
 def plan(
     overrides: Optional[list[str]] = OVERRIDES,
     gpus: int = typer.Option(8, "--gpus", min=1, help="GPUs the stages run on (the FSDP2 world size)"),
-    gpu_memory: float = typer.Option(80.0, "--gpu-memory", min=1.0, help="memory of one GPU, GiB"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", min=1.0, help="memory of one GPU, GiB "
+                                               "(default: 80, said so)"),
+    arithmetic: bool = typer.Option(False, "--arithmetic", help="the arithmetic alone, in seconds (no trace)"),
+    detail: bool = typer.Option(False, "--detail", help="every phase and the terms of the estimate"),
 ) -> None:
-    """Estimated peak memory per GPU of each stage of an experiment: does it fit, and what to change."""
+    """Peak memory per GPU of each stage of an experiment, traced on aopd's code with fake tensors and by
+    arithmetic: does it fit, and what to change."""
     from aopd_cli.experiment.pipeline import plan_pipeline
-    from aopd_cli.plan.estimate import plan_experiment, render
+    from aopd_cli.plan.planner import plan_experiment, render
 
     with refusals():
-        stages = plan_experiment(plan_pipeline(list(overrides or [])), gpus, gpu_memory)
-        sys.stdout.write(render(stages, gpus, gpu_memory))
+        memory = gpu_memory if gpu_memory is not None else 80.0
+        stages = plan_experiment(plan_pipeline(list(overrides or [])), gpus, memory, trace=not arithmetic)
+        sys.stdout.write(render(stages, gpus, memory, assumed=gpu_memory is None, detail=detail))
 
 
 @app.command()

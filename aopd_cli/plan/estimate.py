@@ -1,205 +1,100 @@
-"""`aopd plan`: the estimated peak memory per GPU of each stage of an experiment, whether it fits, and
-what to change when it does not. Peers leave their users to meet OOMs blind; this is arithmetic on the
-model shapes (a local config.json, the Qwen3 shapes below for hub ids, or the lab's architecture):
+"""The arithmetic of a stage's memory per GPU, phase by phase, from the model shapes: what `aopd plan`
+prints beside the traced peak (plan/trace.py) and uses alone with `--arithmetic`. Its terms follow what
+the trace finds alive at each phase's peak:
 
-- the student under FSDP2 over G GPUs: fp32 parameters, gradients and two AdamW moments, sharded
-  (16 bytes a parameter / G); the working bf16 copies of the gathered root (embeddings, output layer)
-  and of two decoder layers (the one running and the one prefetched);
-- activations of one micro-batch (`micro_batch_size` sequences of the longest length, or the
-  `micro_batch_tokens` budget): every saved tensor of a decoder layer, for all layers, or with
-  `train.activation_checkpointing` only each layer's input plus one layer's worth; plus the chunked
-  output layer (1,024 positions x vocabulary in fp32, three buffers);
-- a frozen teacher (and ExOPD base) sharded in bf16 (2 bytes a parameter / G) with its root gathered,
-  or nothing when it is served (`teacher.engine=server`);
-- a colocated vLLM rollout engine: `rollout.gpu_memory_utilization` of the GPU (its whole weights and
-  KV cache), asleep during the update, so the peak is the larger of the two phases.
+- the student's update, at its peak (the start of backward): fp32 parameters and AdamW's two moments,
+  sharded (12 bytes a parameter / G; gradients are freed after every step, so only the reduced layers'
+  are there); the gathered bf16 root (embeddings, output layer) and two layers (the one running, the one
+  prefetched); a layer's bf16 gradient and its fp32 reduce-scatter buffer, and the output layer's bf16
+  gradient; activations (with `train.activation_checkpointing` each layer's input plus one recomputed
+  layer, else every layer's saved tensors); the chunked output layer (`CHUNK` positions x vocabulary in
+  fp32, a few buffers) and the hidden states and gradient it works on;
+- a frozen model scoring (teacher, ExOPD base): bf16 weights, sharded, two layers gathered, one layer's
+  forward activations, the output layer's chunks and the scores it returns;
+- what stays between phases: the student's states while the teacher scores, the teacher's shards and
+  scores while the student updates;
+- outside torch's allocator, not traced: the CUDA context and NCCL (`CONTEXT_GIB`), and a colocated vLLM
+  engine's share (`rollout.gpu_memory_utilization` of the GPU) when it is awake.
 
-    aopd plan experiment=paper_8b_3k --gpus 8 --gpu-memory 80
+    aopd plan experiment=paper_8b_3k --gpus 8 --gpu-memory 80 --arithmetic
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from aopd_cli.plan.shapes import Batch, Shape
 
-GIB = 2**30
-# hub id -> (layers, hidden, heads, kv heads, head dim, intermediate, vocabulary, tied embeddings)
-QWEN3 = {
-    "Qwen/Qwen3-0.6B": (28, 1024, 16, 8, 128, 3072, 151936, True),
-    "Qwen/Qwen3-4B": (36, 2560, 32, 8, 128, 9728, 151936, True),
-    "Qwen/Qwen3-8B": (36, 4096, 32, 8, 128, 12288, 151936, False),
-    "Qwen/Qwen3-32B": (64, 5120, 64, 8, 128, 25600, 151936, False),
-}
-LM_HEAD_CHUNK = 1024
+CHUNK = 1024  # positions of the output layer computed at once (training.lm_head, teacher.scorers)
+CONTEXT_GIB = 2.0  # the CUDA context, cuBLAS workspaces and NCCL buffers of a training process
 
 
-@dataclass(frozen=True)
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    @property
-    def layer_params(self) -> int:
-        attention = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
-        return attention + 3 * self.hidden * self.intermediate + 2 * self.hidden + 2 * self.head_dim
-
-    @property
-    def root_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.layer_params + self.root_params
-
-    @property
-    def saved_per_token_layer(self) -> int:
-        """Elements a decoder layer keeps for backward per token (norms, q/k/v, attention, SwiGLU)."""
-        return 6 * self.hidden + 4 * self.heads * self.head_dim + 4 * self.kv_heads * self.head_dim + \
-            4 * self.intermediate
+def _head_rows(batch: Batch) -> int:
+    return min(CHUNK, batch.rows * batch.response)
 
 
-def shape_of(model_cfg, made: dict[str, Shape] | None = None) -> Shape | None:
-    """The shape of a model config (a lab arch, a checkpoint an earlier stage makes, a local checkpoint, or
-    a known hub id); None if unknown."""
-    if made and model_cfg.path in made:
-        return made[model_cfg.path]
-    if model_cfg.arch is not None:
-        arch = model_cfg.arch
-        return Shape(arch.num_layers, arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                     arch.intermediate_size, 128, True)
-    config_file = Path(model_cfg.path).expanduser() / "config.json"
-    if config_file.is_file():
-        c = json.loads(config_file.read_text())
-        return Shape(c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"],
-                     c.get("num_key_value_heads", c["num_attention_heads"]),
-                     c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]), c["intermediate_size"],
-                     c["vocab_size"], c.get("tie_word_embeddings", False))
-    known = QWEN3.get(model_cfg.path.removesuffix("-Base"))
-    return Shape(*known) if known else None
+def layer_saved_per_token(shape: Shape) -> int:
+    """Bytes a decoder layer keeps for its backward per token, in bf16 compute (HF's Qwen3: the RMSNorms
+    keep fp32 copies of their inputs; q, k, v, the attention output and its log-sum-exp; SwiGLU's gate,
+    up and their product)."""
+    attention = 2 * (shape.heads * shape.head_dim * 3 + shape.kv_heads * shape.head_dim * 2)
+    mlp = 2 * 4 * shape.intermediate
+    norms = 4 * 2 * shape.hidden + 2 * 4 * shape.hidden + 4 * (shape.heads + shape.kv_heads) * shape.head_dim
+    return attention + mlp + norms
 
 
-@dataclass
-class StagePlan:
-    name: str
-    parts: dict[str, float]  # bytes per GPU, by component
-    peak: float
-    notes: list[str]
-
-
-def student_training(shape: Shape, gpus: int, tokens: int, checkpointing: bool) -> dict[str, float]:
-    """Bytes per GPU for training a student on micro-batches of `tokens` tokens (padded)."""
-    saved = shape.saved_per_token_layer * tokens * 2  # bf16 activations of one layer
-    activations = (shape.layers * shape.hidden * tokens * 2 + saved) if checkpointing else shape.layers * saved
-    return {
-        "student states (fp32 params, grads, AdamW; sharded)": 16 * shape.params / gpus,
-        "student working copies (gathered root + 2 layers, bf16)": 2 * (shape.root_params + 2 * shape.layer_params),
-        "activations" + (" (checkpointed)" if checkpointing else ""): activations,
-        "chunked output layer (fp32 chunks)": 3 * LM_HEAD_CHUNK * shape.vocab * 4 + 2 * tokens * shape.hidden * 4,
+def update_parts(shape: Shape, world: int, batch: Batch, checkpointing: bool) -> dict[str, float]:
+    """Bytes per GPU at the peak of a student's optimizer step: the larger of two moments, the output
+    layer's forward over a chunk (everything saved, the chunk's fp32 logits, log-softmax and entropy terms)
+    and the backward through a decoder layer (the layer recomputed, its gradient on its way to the
+    reduce-scatter, the output layer's gradient kept for the root's)."""
+    tokens, counted = batch.tokens, batch.rows * batch.response
+    saved = shape.layers * tokens * shape.hidden * 2 if checkpointing else \
+        shape.layers * tokens * layer_saved_per_token(shape)
+    common = {
+        "student params + AdamW moments (fp32, sharded)": 12 * shape.params / world,
+        "gathered bf16 root": 2 * shape.root_params,
+        "activations" + (" (checkpointed layer inputs)" if checkpointing else " (every layer's)"): saved,
     }
+    head = {**common,
+            "output layer chunk (fp32 logits, log-softmax, entropy)": 16 * _head_rows(batch) * shape.vocab,
+            "hidden states at the output layer": counted * shape.hidden * 2}
+    layer = {**common,
+             "2 gathered bf16 layers, a layer's gradient + fp32 reduce-scatter": (4 + 2 + 4) * shape.layer_params,
+             "output layer's bf16 gradient, hidden-state gradients": 2 * shape.vocab * shape.hidden
+             + counted * shape.hidden * 4 + tokens * shape.hidden * 4,
+             "the recomputed layer's saved tensors" if checkpointing else "its saved tensors' gradients":
+                 tokens * layer_saved_per_token(shape)}
+    return max(head, layer, key=lambda parts: sum(parts.values()))
 
 
-def frozen(shape: Shape, gpus: int, label: str, tokens: int) -> dict[str, float]:
-    return {f"{label} (bf16, sharded, root gathered)": 2 * shape.params / gpus + 2 * shape.root_params
-            + 2 * 2 * shape.layer_params + LM_HEAD_CHUNK * shape.vocab * 4 * 2 + tokens * shape.hidden * 2}
+def update_residue(shape: Shape, world: int) -> float:
+    """What a student keeps between steps: fp32 parameters and AdamW's moments, sharded."""
+    return 12 * shape.params / world
 
 
-def plan_stage(name: str, config, gpus: int, gpu_bytes: float, made: dict[str, Shape]) -> StagePlan:
-    notes: list[str] = []
-    student = shape_of(config.student, made)
-    if student is None:
-        return StagePlan(name, {}, 0.0, [f"unknown model shape for student.path={config.student.path}"])
-    train = getattr(config, "train", None)
-    rollout = getattr(config, "rollout", None)
-    if config.stage == "eval":
-        length = config.eval.max_new_tokens + 512
-        parts = frozen(student, gpus, "model", min(length, 4096))
-        if config.rollout.engine == "vllm":
-            parts["vLLM engine (weights + KV cache)"] = config.rollout.gpu_memory_utilization * gpu_bytes
-        return StagePlan(name, parts, sum(parts.values()), advice(config, parts) if sum(parts.values()) > gpu_bytes
-                         else [])
-    else:
-        length = train.max_seq_len or ((rollout.max_new_tokens + 512) if rollout is not None else 4096)
-        tokens = train.micro_batch_tokens or train.micro_batch_size * length
-        parts = student_training(student, gpus, tokens, train.activation_checkpointing)
-        spec = _spec(config)
-        teacher = shape_of(config.teacher, made) if getattr(config, "teacher", None) is not None else None
-        served = getattr(getattr(config, "teacher", None), "engine", "hf") == "server"
-        if teacher is not None and not served and (spec is None or spec.teacher_scores or spec.samples_from == "teacher"):
-            parts |= frozen(teacher, gpus, "teacher", tokens)
-        if spec is not None and spec.frozen_base:
-            base = shape_of(config.base, made) if config.base is not None else student
-            parts |= frozen(base, gpus, "frozen base", tokens)
-        update_peak, rollout_peak = sum(parts.values()), 0.0
-        # what stays allocated while the engine samples: the sharded states and the frozen models
-        resident = sum(size for part, size in parts.items() if part.startswith(("student states", "teacher", "frozen")))
-        if rollout is not None and rollout.engine == "vllm":
-            engine = rollout.gpu_memory_utilization * gpu_bytes
-            parts["vLLM engine (weights + KV cache, asleep in updates)"] = engine
-            rollout_peak = engine + resident
-            sampler = teacher if spec is not None and spec.samples_from == "teacher" and teacher else student
-            kv_per_token = 2 * sampler.layers * sampler.kv_heads * sampler.head_dim * 2
-            room = engine - 2 * sampler.params / rollout.tensor_parallel_size
-            if room <= 0:
-                rollout_peak = float("inf")
-                notes.append(f"the vLLM engine's share ({engine / GIB:.0f} GiB) cannot hold the sampler's weights "
-                             f"({2 * sampler.params / rollout.tensor_parallel_size / GIB:.0f} GiB a GPU): raise "
-                             "rollout.gpu_memory_utilization or rollout.tensor_parallel_size")
-            else:
-                notes.append(f"the vLLM KV cache holds about {room / kv_per_token / length:.0f} sequences of {length} "
-                             "tokens at once")
-    peak = max(update_peak, rollout_peak)
-    if update_peak < rollout_peak < float("inf"):
-        notes.append(f"the peak is while the vLLM engine samples (updates: {update_peak / GIB:.1f} GiB)")
-    if peak > gpu_bytes:
-        notes += advice(config, parts)
-    return StagePlan(name, parts, peak, notes)
+def scoring_parts(shape: Shape, world: int, batch: Batch, top_k: int, label: str) -> dict[str, float]:
+    """Bytes per GPU at the peak of a frozen model's scoring forward: the larger of a decoder layer's
+    forward (two layers gathered) and the output layer's chunk (its fp32 logits and log-softmax)."""
+    tokens, counted = batch.tokens, batch.rows * batch.response
+    common = {f"{label} weights (bf16, sharded) + gathered root": 2 * shape.params / world + 2 * shape.root_params,
+              f"{label} hidden states and scores": tokens * shape.hidden * 2 + counted * (top_k * 12 + 4)}
+    layer = {**common, f"{label} 2 gathered layers and a layer's forward":
+             4 * shape.layer_params + tokens * (2 * 3 * shape.hidden + 2 * 3 * shape.intermediate)}
+    head = {**common, f"{label} output layer chunk (fp32 logits, log-softmax)": 8 * _head_rows(batch) * shape.vocab}
+    return max(layer, head, key=lambda parts: sum(parts.values()))
 
 
-def _spec(config):
-    from aopd_cli.training.objectives import OBJECTIVES
-
-    objective = getattr(config, "objective", None)
-    return OBJECTIVES[objective.name] if objective is not None else None
+def scoring_residue(shape: Shape, world: int, batch: Batch, top_k: int) -> float:
+    """What a frozen model leaves between phases: its shards, and the scores of the micro-batch."""
+    return 2 * shape.params / world + batch.rows * batch.response * (top_k * 12 + 4)
 
 
-def advice(config, parts: dict[str, float]) -> list[str]:
-    found = []
-    train = getattr(config, "train", None)
-    if train is not None and not train.activation_checkpointing:
-        found.append("train.activation_checkpointing=true")
-    if train is not None:
-        found.append("a smaller train.micro_batch_size (or train.micro_batch_tokens)")
-    if any(k.startswith("teacher") for k in parts):
-        found.append("teacher.engine=server on GPUs of its own")
-    found.append("more GPUs (--nproc-per-node, more nodes)")
-    return ["does not fit: try " + ", ".join(found)]
-
-
-def plan_experiment(plan, gpus: int, gpu_memory_gib: float) -> list[StagePlan]:
-    made: dict[str, Shape] = {}  # checkpoint path an earlier stage writes -> its shape
-    stages = []
-    for name, config in plan.configs.items():
-        stages.append(plan_stage(name, config, gpus, gpu_memory_gib * GIB, made))
-        shape = shape_of(config.student, made)
-        if shape is not None:
-            made[str(Path(config.output_dir) / "checkpoint")] = shape
-    return stages
-
-
-def render(stages: list[StagePlan], gpus: int, gpu_memory_gib: float) -> str:
-    lines = [f"Estimated peak memory per GPU on {gpus} x {gpu_memory_gib:g} GiB (FSDP2 over {gpus} GPUs)", ""]
-    for stage in stages:
-        fits = "fits" if stage.peak <= gpu_memory_gib * GIB else "DOES NOT FIT"
-        shown = f"{stage.peak / GIB:.1f} GiB" if stage.peak < float("inf") else "more than a GPU"
-        lines.append(f"{stage.name}: {shown} — {fits}")
-        for part, size in stage.parts.items():
-            lines.append(f"    {size / GIB:8.2f} GiB  {part}")
-        lines += [f"    note: {note}" for note in stage.notes]
-    return "\n".join(lines) + "\n"
+def engine_note(sampler: Shape, engine_bytes: float, tensor_parallel: int, length: int) -> tuple[float, str]:
+    """(bytes, note) of a vLLM engine's share: its weights and KV cache, and how many sequences fit."""
+    weights = 2 * sampler.params / tensor_parallel
+    room = engine_bytes - weights
+    if room <= 0:
+        return float("inf"), (f"the vLLM engine's share ({engine_bytes / 2**30:.0f} GiB) cannot hold the sampler's "
+                               f"weights ({weights / 2**30:.0f} GiB a GPU): raise rollout.gpu_memory_utilization or "
+                               "rollout.tensor_parallel_size")
+    kv_per_token = 2 * sampler.layers * sampler.kv_heads * sampler.head_dim * 2 / tensor_parallel
+    return engine_bytes, f"its KV cache holds about {room / kv_per_token / length:.0f} sequences of {length} tokens"

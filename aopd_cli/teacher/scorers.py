@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from aopd_cli.errors import UserError
+from aopd_cli.training.distributed import is_sharded
 from aopd_cli.training.models import stop_token_ids
 from aopd_cli.training.objectives import TeacherTopK
 from aopd_cli.training.update import MicroBatch, target_hidden
@@ -56,6 +57,8 @@ def hf_scorer(policy, top_k: int, chunk_size: int = 1024) -> Scorer:
             token_logp_N[start:stop] = logp_CV.gather(-1, targets_N[start:stop, None]).squeeze(-1)
             topk_logp_NK[start:stop], topk_ids_NK[start:stop] = logp_CV.topk(k, dim=-1)
             del logp_CV
+        if is_sharded(policy.model):  # FSDP2 keeps a root gathered for a backward a frozen model never runs
+            policy.model.reshard()
         return TeacherTopK(token_logp_N.view(batch, width).cpu(), topk_ids_NK.view(batch, width, k).cpu(),
                            topk_logp_NK.view(batch, width, k).cpu())
 

@@ -125,9 +125,9 @@ def shard(model, *, trainable: bool, compute_dtype: torch.dtype, activation_chec
 
     A trainable model keeps fp32 parameters (the optimizer's master weights) and, for a bf16 compute
     dtype, computes in bf16 with fp32 gradient reduction; a frozen one (teacher, base) is sharded in the
-    dtype it was loaded in, forward only, and its root (embeddings, output layer) is resharded after each
-    forward too: FSDP2 keeps a root gathered for the backward that a frozen model never runs (3 GiB a GPU
-    for Qwen3-32B's). `mesh`: FSDP2's default (all ranks) unless given (the memory trace gives its own)."""
+    dtype it was loaded in, forward only (its scorer frees the gathered root once it has scored: FSDP2
+    keeps a root gathered for a backward, which a frozen model never runs). `mesh`: FSDP2's default (all
+    ranks) unless given (the memory trace gives its own)."""
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if trainable and any(p.dtype != torch.float32 for p in model.parameters()):
@@ -141,7 +141,7 @@ def shard(model, *, trainable: bool, compute_dtype: torch.dtype, activation_chec
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in getattr(model, model.base_model_prefix).layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if not trainable else None)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -156,10 +156,8 @@ def gathered(model):
     """The whole model on every rank for the block (generation: each rank decodes its own prompts for
     as many steps as it needs, with no collective per forward). A no-op for an unsharded model."""
     modules = _fsdp_modules(model) if dist.is_initialized() else []
-    # afterwards each module reshards after forward as `shard` set it: inner ones always, the root of a
-    # frozen model too (a trainable root stays gathered for its backward)
-    frozen = not any(p.requires_grad for p in model.parameters())
-    for module in modules:
+    inner = [module for module in modules if module is not model]  # the root never reshards after forward
+    for module in inner:
         module.set_reshard_after_forward(False, recurse=False)
     for module in modules:
         module.unshard()
@@ -168,5 +166,5 @@ def gathered(model):
     finally:
         for module in modules:
             module.reshard()
-        for module in modules:
-            module.set_reshard_after_forward(module is not model or frozen, recurse=False)
+        for module in inner:
+            module.set_reshard_after_forward(True, recurse=False)
