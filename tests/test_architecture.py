@@ -21,7 +21,7 @@ ALLOWED = {
     "tracking": set(),
     "stages": {"config", "data", "training", "rollout", "teacher", "eval", "tracking", "results"},
     "experiment": {"config", "stages", "tracking", "training"},
-    "plan": {"config", "training"},
+    "plan": {"config", "training", "teacher"},
     "results": {"config", "tracking"},
 }
 LINE_BUDGET = 400
