@@ -129,8 +129,8 @@ def test_distill_syncs_the_rollout_weights_after_every_step(smoke, lab_cache, tm
     calls = []
     real_make_rollout = onpolicy.make_rollout
 
-    def counting_rollout(engine, policy, cfg, batch_size=256):
-        rollout = real_make_rollout(engine, policy, cfg, batch_size)
+    def counting_rollout(engine, policy, cfg, batch_size=256, **options):
+        rollout = real_make_rollout(engine, policy, cfg, batch_size, **options)
         return Rollout(rollout.generate, lambda: calls.append(len(calls)))
 
     monkeypatch.setattr(onpolicy, "make_rollout", counting_rollout)

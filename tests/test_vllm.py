@@ -337,8 +337,8 @@ def test_a_stale_engine_shows_in_the_logged_gap_and_a_started_server_leaves_noth
 
         real = onpolicy.make_rollout
 
-        def stale(engine, policy, cfg, batch_size=256):
-            rollout = real(engine, policy, cfg, batch_size)
+        def stale(engine, policy, cfg, batch_size=256, **options):
+            rollout = real(engine, policy, cfg, batch_size, **options)
             return Rollout(rollout.generate, lambda: None, rollout.close)  # updates never reach the engine
 
         onpolicy.make_rollout = stale

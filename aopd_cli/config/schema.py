@@ -227,6 +227,7 @@ class WarmupConfig(Strict):
     tool_data: DataConfig | None = None  # ToolAlpaca training conversations mixed in
     train: TrainConfig
     eval: EvalConfig
+    rollout: RolloutConfig = RolloutConfig()  # the engine of its evaluations (vLLM at paper lengths)
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     output_dir: str = "outputs/warmup"

@@ -13,7 +13,9 @@
   no two prompts share their noise. The engine reports each sampled token's log-prob before temperature
   (vLLM's `raw_logprobs`), the distribution the trainer computes.
 - GPUs: sleep mode (`rollout.sleep`): after sampling the engine drops its weights and KV cache, so the
-  update has the memory; the next sync (or sampling) wakes it. vLLM's CPU backend has no sleep mode.
+  update has the memory; the next sync (or sampling) wakes it, after `torch.cuda.empty_cache()` (the
+  engine maps its memory outside torch's allocator). A frozen sampler (SeqKD's teacher) sleeps keeping
+  its weights in host memory. vLLM's CPU backend has no sleep mode.
 - Tensor parallel (`rollout.tensor_parallel_size` > 1, under torchrun): the ranks of a group run one
   engine, so they sample the group's prompts together and each keeps its own share.
 
@@ -38,7 +40,11 @@ def check_rollout_model(policy, role: str = "student") -> None:
     check_model(policy.model.config, KEY, role)
 
 
-def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
+def vllm_rollout(policy, rollout_cfg, seed: int = 0, *, frozen: bool = False, start_asleep: bool = False) -> Rollout:
+    """An engine sampling from `policy`. `frozen`: its weights never change after the first push (SeqKD's
+    teacher): it sleeps at level 1 (weights kept in host memory, restored on waking) instead of level 2
+    (weights dropped, pushed again). `start_asleep`: asleep from the start, so a second engine can start
+    beside it (vLLM refuses to start without its share of the GPU free)."""
     check_rollout_model(policy, "sampler")
     on_gpu = policy.device.type == "cuda"
     sleeps = on_gpu and rollout_cfg.sleep
@@ -58,23 +64,42 @@ def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
     from vllm import SamplingParams
 
     group = _tensor_parallel_group(rollout_cfg.tensor_parallel_size)
-    asleep = {"weights": False, "kv_cache": False}
+    level = 1 if frozen else 2
+    asleep = {"now": False}
 
-    def sync_weights() -> None:
-        if asleep["weights"]:
-            llm.wake_up(tags=["weights"])
-            asleep["weights"] = False
+    def push() -> None:
         with kept_rng():
             llm.collective_rpc("aopd_reload_weights", args=(named_weights(policy.model, policy.compute_dtype),))
         llm.reset_prefix_cache()
 
+    def wake() -> None:
+        """Back from sleep: torch's cache emptied first (its free blocks are memory the engine maps again
+        outside torch's allocator: without this the second step's wake-up meets the first update's cache)."""
+        if not asleep["now"]:
+            return
+        torch.cuda.empty_cache()
+        if level == 2:  # the weights were dropped: the trainer's current ones go back in
+            llm.wake_up(tags=["weights"])
+            push()
+            llm.wake_up(tags=["kv_cache"])
+        else:
+            llm.wake_up()
+        asleep["now"] = False
+
+    def sleep() -> None:
+        if sleeps and not asleep["now"]:
+            llm.sleep(level=level)
+            asleep["now"] = True
+
+    def sync_weights() -> None:
+        if asleep["now"]:
+            wake()  # a level-2 wake-up pushes the weights itself
+            return
+        push()
+
     def generate(prompts_ids: list[list[int]], *, n: int, temperature: float, max_new_tokens: int,
                  seed: int | None = None, indices: list[int] | None = None) -> RolloutBatch:
-        if asleep["weights"]:
-            sync_weights()  # level 2 dropped the weights: the trainer's current ones go back in
-        if asleep["kv_cache"]:
-            llm.wake_up(tags=["kv_cache"])
-            asleep["kv_cache"] = False
+        wake()
         keys = list(range(len(prompts_ids))) if indices is None else list(indices)
         shares = _gather(group, (prompts_ids, seed, keys))
         requests = [(ids, share_seed, key) for share, share_seed, share_keys in shares
@@ -82,11 +107,11 @@ def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
         params = [SamplingParams(n=n, temperature=temperature, top_p=1.0, top_k=0, max_tokens=max_new_tokens,
                                  stop_token_ids=sorted(policy.stop_ids), logprobs=0, flat_logprobs=True,
                                  seed=stream_seed(share_seed, index)) for _, share_seed, index in requests]
-        with kept_rng():
-            outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in requests], params, use_tqdm=False)
-        if sleeps:
-            llm.sleep(level=2)  # weights are pushed again anyway: nothing to keep
-            asleep.update(weights=True, kv_cache=True)
+        outputs = []
+        if requests:  # a rank (or group) with no share this time still joined the gathering above
+            with kept_rng():
+                outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in requests], params, use_tqdm=False)
+        sleep()
         start = sum(len(share) for share, _, _ in shares[:_group_rank(group)])
         return _batch(policy, prompts_ids, outputs[start:start + len(prompts_ids)])
 
@@ -94,7 +119,9 @@ def vllm_rollout(policy, rollout_cfg, seed: int = 0) -> Rollout:
         close_engine()
         shutil.rmtree(folder, ignore_errors=True)
 
-    sync_weights()  # the engine started from random weights
+    push()  # the engine started from random weights
+    if start_asleep:
+        sleep()
     return Rollout(generate=generate, sync_weights=sync_weights, close=close)
 
 
@@ -118,6 +145,9 @@ def _batch(policy, prompts_ids, outputs) -> RolloutBatch:
             responses.append(list(completion.token_ids))
             logprobs.append(list(completion.logprobs.logprobs))  # one entry per token (flat_logprobs)
     pad_id = policy.tokenizer.pad_token_id
+    if not rows:  # an empty share
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return RolloutBatch(empty, empty, empty, empty.bool(), [], torch.zeros(0, 1))
     prompt_ids, prompt_mask = left_pad([prompts_ids[i] for i in rows], pad_id)
     response_ids, generated = right_pad(responses, pad_id)
     logprobs_BR = torch.zeros(response_ids.shape, dtype=torch.float32)

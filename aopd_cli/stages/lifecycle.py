@@ -114,7 +114,10 @@ def external_fingerprints(configs) -> dict[str, str]:
 def config_digest(config) -> str:
     """The configuration that changes what a stage computes. Evaluation settings are what an eval stage
     computes; for a training stage they only shape its curves (and may change on resume)."""
-    dump = config.model_dump(mode="json", exclude=NOT_IDENTITY - ({"eval"} if config.stage == "eval" else set()))
+    exclude = NOT_IDENTITY - ({"eval"} if config.stage == "eval" else set())
+    if config.stage == "warmup":  # a warm-up's rollout engine only runs its evaluations
+        exclude = exclude | {"rollout"}
+    dump = config.model_dump(mode="json", exclude=exclude)
     if "train" in dump:
         dump["train"] = {k: v for k, v in dump["train"].items() if k not in TRAIN_NOT_IDENTITY}
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]

@@ -102,11 +102,15 @@ def load_models(config):
 def stage_rollouts(config, student, teacher):
     """(rollout, evaluation rollout) for the stage, closed at its end. With rollout=vllm evaluations run
     on the rollout engine when it holds the student (it is synced after every update), else on a student
-    engine of their own, synced before each evaluation; with rollout=hf they use HF generate."""
+    engine of their own, synced before each evaluation, the two engines asleep in turn on GPUs; with
+    rollout=hf they use HF generate."""
     spec, rollout_cfg = OBJECTIVES[config.objective.name], config.rollout
     with ExitStack() as stack:
         sampler = student if spec.samples_from == "student" else teacher
-        rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg)
+        # a teacher's engine (SeqKD) is frozen, and asleep whenever the student's engine evaluates: vLLM
+        # starts an engine only on a GPU with its share free, and the two shares do not fit together
+        rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg, frozen=sampler is not student,
+                               start_asleep=sampler is not student)
         stack.callback(rollout.close)
         if rollout_cfg.engine == "vllm" and sampler is student:
             yield rollout, rollout

@@ -13,7 +13,10 @@ import json
 import os
 import random
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
+
+import torch
 
 from aopd_cli import metrics as names
 from aopd_cli.data.loaders import load_data
@@ -38,7 +41,8 @@ def cache_key(config) -> str:
     from aopd_cli.data.lab import LAB_VERSION
     from aopd_cli.stages.lifecycle import TRAIN_NOT_IDENTITY, input_fingerprints
 
-    content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume"})
+    content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume",
+                                                      "rollout"})
     content["train"] = {k: v for k, v in content["train"].items() if k not in TRAIN_NOT_IDENTITY}
     start = content["student"].get("path")
     if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
@@ -104,7 +108,6 @@ def run(config, session, prepared) -> Path:
         raise UserError(f"every example is longer than {limit:,} tokens and train.too_long=drop left none")
     session.tracker.log_metrics({f"data/{train.too_long}_examples": too_long, "data/examples": len(examples)}, step=0)
     rng = random.Random(config.seed)
-    rollout = make_rollout("hf", policy, None, config.eval.batch_size)
 
     def make_step(step: int) -> StepBatch:
         chosen = [examples[i] for i in sample_indices(rng, len(examples), train.batch_size)]
@@ -120,19 +123,28 @@ def run(config, session, prepared) -> Path:
     def loss_fn(head, micro: MicroBatch, normalizer: int):
         return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=normalizer)
 
-    def evaluate(step: int) -> dict[str, float]:
-        return evaluate_policy(policy, rollout, config.eval, seed=config.seed)[0]  # as `aopd eval` of it
+    with ExitStack() as stack:
+        engine = []  # the evaluations' engine, started when first needed (`rollout.engine`, as the eval stage's)
 
-    checkpoint = train_loop(session, policy, make_step=make_step, loss_fn=loss_fn, sampler=rng, evaluate=evaluate,
-                            label=session.name)
-    if config.eval.benchmarks or config.eval.tool_benchmarks:
-        metrics = evaluate(train.steps)
-        session.tracker.log_metrics(metrics, step=train.steps)
-        print_metrics(session.name, metrics, config.eval)
-    if config.reuse_cached:
-        # the stage's folder then links to the cache, as when the checkpoint is reused: a warm-up chained on
-        # this one (the lab's teacher) gets the same cache key on its first run as on every later one
-        return _store_in_cache(checkpoint, cached)
+        def evaluate(step: int) -> dict[str, float]:
+            if not engine:
+                if torch.cuda.is_available():  # the memory training left cached goes to the engine
+                    torch.cuda.empty_cache()
+                engine.append(make_rollout(config.rollout.engine, policy, config.rollout, config.eval.batch_size))
+                stack.callback(engine[0].close)
+            return evaluate_policy(policy, engine[0], config.eval, seed=config.seed)[0]  # as `aopd eval` of it
+
+        checkpoint = train_loop(session, policy, make_step=make_step, loss_fn=loss_fn, sampler=rng, evaluate=evaluate,
+                                label=session.name)
+        if config.reuse_cached:
+            # stored before the closing evaluation, so a failing one never costs the training again; the stage's
+            # folder then links to the cache, as when the checkpoint is reused: a warm-up chained on this one (the
+            # lab's teacher) gets the same cache key on its first run as on every later one
+            checkpoint = _store_in_cache(checkpoint, cached)
+        if config.eval.benchmarks or config.eval.tool_benchmarks:
+            metrics = evaluate(train.steps)
+            session.tracker.log_metrics(metrics, step=train.steps)
+            print_metrics(session.name, metrics, config.eval)
     return checkpoint
 
 
