@@ -124,9 +124,9 @@ def continual(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = 
     "eval.temperature, seed, output_dir",
     "aopd eval student.path=outputs/lab/aopd/checkpoint eval.n=8",
     "aopd eval student.path=Qwen/Qwen3-8B eval=paper rollout=vllm"))
-def evaluate(overrides: Optional[list[str]] = OVERRIDES) -> None:
-    """Pass@k on AIME24/AIME25/HMMT25 (or the lab), success rate on ToolAlpaca."""
-    _run("eval", overrides)
+def evaluate(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
+    """Pass@k on AIME24/AIME25/HMMT25 (or the lab), success rate on ToolAlpaca; split over the processes."""
+    _run("eval", overrides, nproc_per_node)
 
 
 @app.command(epilog=_epilog(

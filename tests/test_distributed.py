@@ -3,9 +3,11 @@
 - one update at world size 2 equals the update at world size 1 on the same global batch;
 - `aopd distill --nproc-per-node 2` finishes with one MLflow run and a final checkpoint transformers
   loads, and a step checkpoint written at world size 2 resumes;
-- a rank that raises stops every rank quickly, with its error shown.
+- a rank that raises stops every rank quickly, with its error shown;
+- an evaluation split over 2 processes gives the metrics and samples of one process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +75,19 @@ def test_a_rank_that_raises_stops_every_rank(tmp_path, tiny_checkpoint, lab_cach
     assert result.returncode != 0
     assert "aopd: rank 1: injected failure on rank 1" in result.stdout + result.stderr
     assert time.time() - started < 200  # start-up included; the failure itself ends both ranks in seconds
+
+
+def test_an_evaluation_over_two_processes_equals_one(tmp_path, tiny_checkpoint, lab_cache):
+    args = ["eval", f"student.path={tiny_checkpoint}", "eval.benchmarks=[lab_math]", "eval.tool_benchmarks=[lab_tools]",
+            "eval.limit=9", "eval.n=3", "eval.k=[1,2]", "eval.max_new_tokens=24", "eval.greedy=true"]
+    metrics = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"world{nproc}"
+        result = run_aopd(*args, f"output_dir={out}", "--nproc-per-node", str(nproc), cwd=tmp_path, cache=lab_cache)
+        assert result.returncode == 0, result.stdout[-1500:] + result.stderr[-3000:]
+        run_id = json.loads((out / "aopd_run.json").read_text())["run_id"]
+        metrics[nproc] = connect(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).data.metrics
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        metrics[f"rows{nproc}"] = sorted(json.dumps(row, sort_keys=True) for row in rows)
+    assert metrics[1] == metrics[2] and len(metrics[1]) >= 6, (metrics[1], metrics[2])
+    assert metrics["rows1"] == metrics["rows2"]  # every sample, not only the averages

@@ -4,6 +4,10 @@ accuracy beside them (`eval.greedy`: one low-variance number per benchmark), per
 table. The eval stage and the training stages (their Pass@1 curves, the continual stage's before/after)
 all call `evaluate_policy`.
 
+Under torchrun each rank evaluates its share of the problems (seeds follow a problem's place in the
+benchmark, so the samples are those of one process) and the results are gathered: every rank gets the
+metrics, rank 0 the per-sample rows.
+
 Tool success is per instruction: each instruction gets n sampled episodes; its score is the fraction of
 them that succeed, and the benchmark's `success` is the mean of that over instructions (so each
 instruction weighs the same, whatever its number of calls). `first_call` is averaged the same way;
@@ -25,6 +29,7 @@ from aopd_cli.data.loaders import load_records
 from aopd_cli.data.prompts import chat_ids, math_messages, observation_message, tool_messages
 from aopd_cli.eval.math import extract_boxed, grade_math, pass_at_k
 from aopd_cli.eval.tools import STOP_STRING, Episode, grade_episode, take_turn
+from aopd_cli.training import distributed as dist
 
 GREEDY = 0.0  # temperature 0: greedy decoding (HF: do_sample=False; vLLM: its own convention)
 
@@ -54,68 +59,89 @@ def _generate(policy, rollout, prompts, *, n, temperature, max_new_tokens, seed,
 
 
 def _math(policy, rollout, eval_cfg, source, seed, metrics, samples) -> None:
+    """Each rank decodes its share of the problems (seeded by their place in the benchmark, so any world size
+    samples the same); the counts are gathered so every rank has the metrics, the rows go to rank 0."""
     name, records = benchmark_name(source), load_records("math_benchmark", source)[: eval_cfg.limit]
-    prompts = [chat_ids(policy.tokenizer, math_messages(r["problem"], eval_cfg.prompt_suffix),
-                        add_generation_prompt=True) for r in records]
+    share = dist.shard_range(len(records))
+    prompts = [chat_ids(policy.tokenizer, math_messages(records[i]["problem"], eval_cfg.prompt_suffix),
+                        add_generation_prompt=True) for i in share]
     runs = [("sampled", eval_cfg.n, eval_cfg.temperature)] + ([("greedy", 1, GREEDY)] if eval_cfg.greedy else [])
     for decoding, n, temperature in runs:
         texts, _, owners = _generate(policy, rollout, prompts, n=n, temperature=temperature,
-                                     max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
-        correct_counts = [0] * len(records)
+                                     max_new_tokens=eval_cfg.max_new_tokens, seed=seed, indices=list(share))
+        correct_counts, rows = {i: 0 for i in share}, []
         for text, owner in zip(texts, owners):
-            ok = grade_math(text, records[owner]["answer"])
-            correct_counts[owner] += ok
-            samples.append({"benchmark": name, "decoding": decoding, "id": records[owner]["id"],
-                            "prompt": records[owner]["problem"], "response": text, "extracted": extract_boxed(text),
-                            "gold": records[owner]["answer"], "correct": ok})
+            record = records[share[owner]]
+            ok = grade_math(text, record["answer"])
+            correct_counts[share[owner]] += ok
+            rows.append({"benchmark": name, "decoding": decoding, "id": record["id"], "prompt": record["problem"],
+                         "response": text, "extracted": extract_boxed(text), "gold": record["answer"], "correct": ok})
+        counts = _merged(correct_counts)
+        samples += dist.gather_to_main(rows)
         if decoding == "greedy":
-            metrics[names.greedy(name)] = sum(correct_counts) / len(records)
+            metrics[names.greedy(name)] = sum(counts.values()) / len(records)
         else:
             for k in eval_cfg.k:
-                metrics[names.pass_at(name, k)] = sum(pass_at_k(n, c, k) for c in correct_counts) / len(records)
+                metrics[names.pass_at(name, k)] = sum(pass_at_k(n, c, k) for c in counts.values()) / len(records)
+
+
+def _merged(mine: dict) -> dict:
+    """Every rank's share of a per-item dict, merged, in item order, on every rank."""
+    merged = {}
+    for part in dist.all_gather_object(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
 
 
 def run_episodes(policy, rollout, records: list[dict], *, style: str, n: int, temperature: float,
-                 max_new_tokens: int, seed: int) -> list[Episode]:
-    """n multi-turn episodes per tool instruction, all advanced together one turn per generate call."""
+                 max_new_tokens: int, seed: int, first: int = 0) -> list[Episode]:
+    """n multi-turn episodes per tool instruction, all advanced together one turn per generate call.
+    `first`: the global index of `records[0]` (a rank's share): an episode's seed is its global place. Every
+    rank takes as many turns as the longest episode anywhere (a sharded model decodes together)."""
     episodes = [Episode(i, tool_messages(r, style)) for i, r in enumerate(records) for _ in range(n)]
     turn = 0
-    while active_ids := [k for k, e in enumerate(episodes) if not e.done]:
+    while True:
+        active_ids = [k for k, e in enumerate(episodes) if not e.done]
+        if not dist.all_reduce([len(active_ids)], "max")[0]:
+            return episodes
         active = [episodes[k] for k in active_ids]
         prompts = [chat_ids(policy.tokenizer, e.messages, add_generation_prompt=not e.open_turn,
                             continue_final_message=e.open_turn) for e in active]
         texts, stopped, _ = _generate(policy, rollout, prompts, n=1, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, seed=seed + 7919 * turn, indices=active_ids,
-                                      stop_strings=[STOP_STRING])
+                                      max_new_tokens=max_new_tokens, seed=seed + 7919 * turn,
+                                      indices=[first * n + k for k in active_ids], stop_strings=[STOP_STRING])
         for episode, text, ended in zip(active, texts, stopped):
             golden = records[episode.owner]["golden"]
             take_turn(episode, text, ended, golden, len(golden) + 2,
                       lambda observation: observation_message(observation, style))
         turn += 1
-    return episodes
 
 
 def _tools(policy, rollout, eval_cfg, source, seed, metrics, samples) -> None:
     name, records = benchmark_name(source), load_records("tool_eval", source)[: eval_cfg.limit]
+    share = dist.shard_range(len(records))
+    mine = records[share.start:share.stop]
     runs = [("sampled", eval_cfg.n, eval_cfg.temperature)] + ([("greedy", 1, GREEDY)] if eval_cfg.greedy else [])
     for decoding, n, temperature in runs:
-        episodes = run_episodes(policy, rollout, records, style=eval_cfg.tool_prompt_style, n=n,
-                                temperature=temperature, max_new_tokens=eval_cfg.max_new_tokens, seed=seed)
-        success, first_call = [0.0] * len(records), [0.0] * len(records)
+        episodes = run_episodes(policy, rollout, mine, style=eval_cfg.tool_prompt_style, n=n, temperature=temperature,
+                                max_new_tokens=eval_cfg.max_new_tokens, seed=seed, first=share.start)
+        scores, rows = {share[i]: [0.0, 0.0] for i in range(len(mine))}, []
         for episode in episodes:
-            record = records[episode.owner]
+            record = mine[episode.owner]
             grade = grade_episode(episode, record["golden"])
-            success[episode.owner] += grade.success / n
-            first_call[episode.owner] += grade.first_call / n
-            samples.append({"benchmark": name, "decoding": decoding, "id": record["id"],
-                            "prompt": record["instruction"], "response": episode.turns, "extracted": episode.calls,
-                            "gold": record["golden"], "correct": grade.success, "first_call": grade.first_call,
-                            "finished": episode.finished})
+            scores[share[episode.owner]][0] += grade.success / n
+            scores[share[episode.owner]][1] += grade.first_call / n
+            rows.append({"benchmark": name, "decoding": decoding, "id": record["id"], "prompt": record["instruction"],
+                         "response": episode.turns, "extracted": episode.calls, "gold": record["golden"],
+                         "correct": grade.success, "first_call": grade.first_call, "finished": episode.finished})
+        merged = _merged(scores)
+        samples += dist.gather_to_main(rows)
+        success = sum(s for s, _ in merged.values()) / len(records)
         if decoding == "greedy":
-            metrics[names.greedy(name)] = sum(success) / len(records)
+            metrics[names.greedy(name)] = success
         else:
-            metrics[names.tool(name, "success")] = sum(success) / len(records)
-            metrics[names.tool(name, "first_call")] = sum(first_call) / len(records)
+            metrics[names.tool(name, "success")] = success
+            metrics[names.tool(name, "first_call")] = sum(f for _, f in merged.values()) / len(records)
 
 
 def evaluate_policy(policy, rollout, eval_cfg, *, seed: int, tools: bool = True):
@@ -166,9 +192,7 @@ def print_metrics(title: str, metrics: dict[str, float], eval_cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from aopd_cli.training.distributed import is_main
-
-    if not is_main():
+    if not dist.is_main():
         return
     table = Table(title=f"{title} (n={eval_cfg.n}, temperature={eval_cfg.temperature}, "
                         f"max_new_tokens={eval_cfg.max_new_tokens}{', greedy too' if eval_cfg.greedy else ''})")

@@ -34,6 +34,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def running() -> bool:
+    """A process group is up (torchrun, or a GPU): models are sharded."""
+    return dist.is_initialized()
+
+
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
@@ -92,6 +97,24 @@ def broadcast(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled); `[obj]` on one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, obj)
+    return found
+
+
+def gather_to_main(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on rank 0 (an empty list elsewhere)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    found = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(items, found, dst=0)
+    return [item for part in found for item in part] if is_main() else []
 
 
 def _comm_device() -> torch.device:
