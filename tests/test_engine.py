@@ -41,6 +41,22 @@ def test_checkpoint_round_trips_weights_tokenizer_and_state(policy, tmp_path):
     assert (path / "model.safetensors").is_file()
 
 
+def test_a_final_checkpoint_is_in_the_dtype_the_student_was_loaded_in(policy, tmp_path):
+    import dataclasses
+    import json
+
+    from safetensors.torch import load_file
+
+    trained_in_bf16 = dataclasses.replace(policy, compute_dtype=torch.bfloat16)  # fp32 masters, bf16 compute
+    path = save_checkpoint(trained_in_bf16, tmp_path / "bf16", config_yaml="stage: distill\n")
+    weights = load_file(str(path / "model.safetensors"))
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16}
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    masters = policy.model.state_dict()
+    assert all(torch.equal(weights[name], masters[name].to(torch.bfloat16)) for name in weights)
+    assert next(policy.model.parameters()).dtype == torch.float32  # the trainer keeps its fp32 masters
+
+
 def test_a_killed_save_never_leaves_a_partial_checkpoint_in_place(policy, tmp_path, lab_cache):
     target = tmp_path / "ckpt"
     save_checkpoint(policy, target, config_yaml="first\n", step=1)

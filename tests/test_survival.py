@@ -213,3 +213,30 @@ def test_the_store_lock_is_beside_the_store_and_follows_no_link(work, tiny_check
     (work / ".mlflow.db.aopd-lock").unlink()
     assert run_aopd(*distill_args(tiny_checkpoint, "out", "train.steps=1"), cwd=work, cache=lab_cache).returncode == 0
     assert (work / ".mlflow.db.aopd-lock").is_file() and not (work / ".mlflow.db.aopd-lock").is_symlink()
+
+
+def test_a_warmup_whose_closing_evaluation_fails_is_not_trained_again(work, lab_cache):
+    """The closing evaluation made to fail once (as an OOM would): the rerun evaluates the checkpoint it has."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys\n"
+        "import aopd_cli.stages.warmup as warmup\n"
+        "from aopd_cli.errors import UserError\n"
+        "from aopd_cli.cli import app\n"
+        "real = warmup.evaluate_policy\n"
+        "def failing(*args, **kwargs):\n"
+        "    raise UserError('out of memory in the closing evaluation (injected)')\n"
+        "warmup.evaluate_policy = failing if os.environ.get('FAIL_EVAL') else real\n"
+        "app(sys.argv[1:], prog_name='aopd')\n")
+    args = ["warmup", "student=lab_student", "train.steps=3", "train.batch_size=4", "train.micro_batch_size=4",
+            "eval.limit=4", "eval.n=1", "eval.k=[1]", "eval.max_new_tokens=8", "output_dir=wu"]
+    env = {**os.environ, "AOPD_CACHE": str(lab_cache)}
+    failed = subprocess.run([sys.executable, "-c", script, *args], cwd=work, capture_output=True, text=True,
+                            env={**env, "FAIL_EVAL": "1"})
+    assert failed.returncode == 1 and "injected" in failed.stderr and (work / "wu/checkpoint/config.json").is_file()
+    rerun = subprocess.run([sys.executable, "-c", script, *args], cwd=work, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-1500:]
+    assert "resuming warmup from step 3 of 3" in rerun.stdout and "steps 1-3 of 3" not in rerun.stdout
+    assert "eval/lab_math/pass_at_1" in rerun.stdout  # evaluated this time

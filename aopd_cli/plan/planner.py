@@ -43,12 +43,13 @@ class StagePlan:
         return max({**self.estimated, **self.traced}.values(), default=0.0)
 
     def training(self, traced: bool) -> float | None:
-        values = [v for k, v in (self.traced if traced else self.estimated).items() if not k.startswith("vLLM")]
+        values = [v for k, v in (self.traced if traced else self.estimated).items()
+                  if not k.startswith(("vLLM", "HF evaluation"))]
         return max(values) if values else None
 
     @property
     def engines(self) -> float | None:
-        values = [v for k, v in self.estimated.items() if k.startswith("vLLM")]
+        values = [v for k, v in self.estimated.items() if k.startswith(("vLLM", "HF evaluation"))]
         return max(values) if values else None
 
 
@@ -113,9 +114,13 @@ def _engines(plan: StagePlan, config, student: Shape, frozen: dict, gpus: int, g
     """The vLLM phases of a training stage: its rollout engine sampling, SeqKD's student engine evaluating,
     a warm-up's closing evaluation."""
     rollout, spec = getattr(config, "rollout", None), _spec(config)
-    if rollout is None or rollout.engine != "vllm":
-        return
     trainer = update_residue(student, gpus) + sum(residue.values()) + always  # torch's live tensors at wake-up
+    if rollout is None or rollout.engine != "vllm":
+        if config.eval.benchmarks or config.eval.tool_benchmarks:  # HF generate on the gathered student
+            generate, note = hf_generate(student, config.eval)
+            plan.estimated["HF evaluation"] = generate + trainer
+            plan.notes.append(note)
+        return
     share = rollout.gpu_memory_utilization * gpu_bytes
     length = micro_batch(config).length
     if config.stage == "warmup":
@@ -148,13 +153,23 @@ def plan_eval(name: str, config, gpus: int, gpu_bytes: float, made: dict) -> Sta
         engine, note = engine_note(shape, config.rollout.gpu_memory_utilization * gpu_bytes,
                                    config.rollout.tensor_parallel_size, length)
         return StagePlan(name, "eval", {"vLLM evaluation": engine + weights + CONTEXT}, notes=[note])
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * length * config.eval.batch_size
-    return StagePlan(name, "eval", {"HF generate": 2 * shape.params + kv + CONTEXT},
-                     notes=[f"HF generate holds the whole model and a KV cache of {config.eval.batch_size} sequences "
-                            f"of {length} tokens ({kv / GIB:.1f} GiB); rollout=vllm for long answers"])
+    generate, note = hf_generate(shape, config.eval)
+    return StagePlan(name, "eval", {"HF evaluation": generate + CONTEXT}, notes=[note])
+
+
+def hf_generate(shape: Shape, evaluation) -> tuple[float, str]:
+    """(bytes, note) of HF generate on a gathered bf16 model: its weights and the KV cache of a batch."""
+    length = evaluation.max_new_tokens + 512
+    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2 * length * evaluation.batch_size
+    return 2 * shape.params + kv, (f"HF generate holds the whole model and a KV cache of {evaluation.batch_size} "
+                                   f"sequences of {length} tokens ({kv / GIB:.1f} GiB); rollout=vllm for long answers")
 
 
 def advice(config, plan: StagePlan) -> str:
+    phases = {**plan.estimated, **plan.traced}
+    largest = max(phases, key=phases.get) if phases else ""
+    if largest == "HF evaluation":
+        return "does not fit: HF generate's KV cache at these lengths; evaluate with rollout=vllm (or lower eval.batch_size)"
     found = []
     train = getattr(config, "train", None)
     if train is not None and not train.activation_checkpointing:
@@ -197,8 +212,9 @@ def render(stages: list[StagePlan], gpus: int, gpu_memory_gib: float, assumed: b
     traced = any(s.traced for s in stages)
     lines = [f"Peak memory per GPU, GiB, on {gpus} GPUs of {gpu} (FSDP2 over {gpus})",
              "training: the step's largest phase" + (", traced on aopd's code with fake tensors and by arithmetic"
-                                                     if traced else ", by arithmetic (--arithmetic)"), "",
-             f"{'stage':<16} {'training traced':>15} {'estimated':>10} {'vLLM phase':>11}  verdict"]
+                                                     if traced else ", by arithmetic (--arithmetic)")
+             + "; generation: a vLLM engine's phase (or HF generate's), by arithmetic", "",
+             f"{'stage':<16} {'training traced':>15} {'estimated':>10} {'generation':>11}  verdict"]
     limit = gpu_memory_gib * GIB
     for stage in stages:
         verdict = "fits" if stage.peak <= limit else "DOES NOT FIT"

@@ -4,8 +4,9 @@
   (each rank writes its shards; it also loads at another world size), plus each rank's trainer state
   (step, scheduler, every RNG that shapes the run). Written under `.tmp-step_N` and renamed when whole;
   the newest `train.keep_last` are kept.
-- `checkpoint/` (end of a stage): a full Hugging Face checkpoint (safetensors, tokenizer, the resolved
-  config) that transformers and vLLM load, gathered and written by rank 0, atomically.
+- `checkpoint/` (end of a stage): a full Hugging Face checkpoint (safetensors in the dtype the student was
+  loaded in, `student.dtype`: bf16 on GPUs; tokenizer; the resolved config) that transformers and vLLM
+  load, gathered and written by rank 0, atomically.
 - Non-finite weights are never written. `checkpoint_problem` tells a whole checkpoint from a truncated one.
 
     python -m pytest tests/test_resume.py -q
@@ -207,11 +208,16 @@ def save_final(policy, directory: Path, *, config_yaml: str, optimizer=None, sch
     weights = full_state_dict(policy.model)
     if dist.is_main():
         check_finite_tensors(weights, str(directory))
+        # in the dtype the student was loaded in (student.dtype: bf16 on GPUs), as the base checkpoint was:
+        # the fp32 master weights are the optimizer's, and live on in the step checkpoints only
+        weights = {name: tensor.to(policy.compute_dtype) if tensor.is_floating_point() else tensor
+                   for name, tensor in weights.items()}
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         with _no_room(staging):
             policy.model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+            _say_dtype(staging / "config.json", policy.compute_dtype)
             policy.tokenizer.save_pretrained(staging)
             (staging / CONFIG_FILE).write_text(config_yaml)
             state = {"step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
@@ -227,6 +233,14 @@ def save_final(policy, directory: Path, *, config_yaml: str, optimizer=None, sch
         shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return directory
+
+
+def _say_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """The saved config names the weights' dtype (the model object itself holds fp32 masters)."""
+    config = json.loads(config_file.read_text())
+    name = str(dtype).removeprefix("torch.")
+    config.update({key: name for key in ("dtype", "torch_dtype") if key in config} or {"dtype": name})
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_weights(model, directory: Path) -> None:

@@ -56,7 +56,8 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int = 0, trainable: bool = False,
                 activation_checkpointing: bool = False) -> Policy:
     """A model and tokenizer from `cfg.path` (local folder or hub id) or a fresh lab model (`cfg.arch`),
-    sharded across ranks when a process group runs (trainable: fp32 master weights, bf16 compute on GPUs)."""
+    sharded across ranks when a process group runs (trainable: fp32 master weights, bf16 compute on GPUs);
+    a checkpoint is then read into the shards directly (training/sharded_load.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -76,19 +77,32 @@ def load_policy(cfg, *, role: str, device: torch.device | None = None, seed: int
         if names_a_path(path) and not (Path(path).expanduser() / "config.json").is_file():
             raise UserError(f"{role}.path: no checkpoint at {path!r} (expected a folder with config.json; "
                             "run the stage that makes it, e.g. `aopd pipeline`, or give a hub id)")
+        load_dtype = torch.float32 if trainable else dtype
         try:
+            if dist.running():  # each rank reads its shard only: host memory falls with the world size
+                from aopd_cli.training.sharded_load import load_sharded, local_folder
+
+                folder = local_folder(path, cfg.trust_remote_code)
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+                model = load_sharded(path, load_dtype=load_dtype, trainable=trainable, compute_dtype=dtype,
+                                     activation_checkpointing=activation_checkpointing, device=device,
+                                     trust_remote_code=cfg.trust_remote_code)
+                return _policy(model, tokenizer, device, dtype)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if trainable else dtype,
-                                                         trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
             raise UserError(f"{role}.path: cannot load {path!r}: {str(err)[:300]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if not trainable:
         model.requires_grad_(False)
     model = dist.shard(model, trainable=trainable, compute_dtype=dtype,
                        activation_checkpointing=activation_checkpointing)
-    return Policy(model.to(device), tokenizer, stop_token_ids(tokenizer), device, dtype)
+    return _policy(model.to(device), tokenizer, device, dtype)
+
+
+def _policy(model, tokenizer, device: torch.device, dtype: torch.dtype) -> Policy:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Policy(model, tokenizer, stop_token_ids(tokenizer), device, dtype)
 
 
 def _fresh_lab_model(arch, tokenizer, seed: int):
