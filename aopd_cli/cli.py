@@ -271,6 +271,35 @@ def plan(
         sys.stdout.write(render(stages, gpus, memory, assumed=gpu_memory is None, detail=detail))
 
 
+teacher_app = typer.Typer(help="The teacher as a service: aopd teacher serve.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("serve", epilog=_epilog(
+    "teacher (lab, qwen3_8b, qwen3_32b)", "teacher.path, teacher.dtype, teacher.max_model_len, "
+    "teacher.gpu_memory_utilization (GPUs), teacher.kv_cache_gib (CPU)",
+    "aopd teacher serve teacher=qwen3_32b --tensor-parallel-size 4 --port 8100",
+    "aopd distill teacher.engine=server teacher.url=http://127.0.0.1:8100 ..."))
+def teacher_serve(
+    overrides: Optional[list[str]] = OVERRIDES,
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (127.0.0.1: this machine only)"),
+    port: int = typer.Option(8100, "--port", min=0, max=65535, help="port to listen on (0: any free one)"),
+    max_logprobs: int = typer.Option(32, "--max-logprobs", min=1, help="the most top-K log-probs a position (K)"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs the teacher spans"),
+) -> None:
+    """Serve a teacher's top-K log-probs to trainers (teacher.engine=server teacher.url=...): vLLM's engine,
+    packed arrays over HTTP, requests that arrive together scored together."""
+    from aopd_cli.teacher.service import serve
+
+    with refusals():
+        teacher = _load("distill", overrides).teacher
+        if teacher.path is None:
+            from aopd_cli.errors import ConfigError
+
+            raise ConfigError("teacher.path: a checkpoint folder or hub id to serve (a fresh lab model has no weights)")
+        serve(teacher, host=host, port=port, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size)
+
+
 @app.command()
 def sync(
     output_dir: str = typer.Argument(..., help="a stage's output folder holding tracking_backlog.jsonl"),

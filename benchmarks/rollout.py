@@ -1,11 +1,13 @@
 """Rollout and teacher-scoring speed on this machine: tokens/s of HF `generate` and of the vLLM engine
-(both through aopd's rollouts, so what a stage gets), the weight sync into the engine, and teacher top-K
-scoring per 1,000 response tokens on the three teacher engines (HF, in-process vLLM, a vLLM server aopd
-starts). Models: the lab student (0.1M parameters) and teacher (0.6M) and a ~20M Qwen3, all built from a
-config with the lab tokenizer and random weights. Each measurement runs in its own process (an
-in-process engine changes its process: threads, RNG, a process group); a markdown table is printed.
+(both through aopd's rollouts, so what a stage gets), the weight sync into the engine, teacher top-K
+scoring per 1,000 response tokens on every teacher engine (HF, in-process vLLM, a vLLM OpenAI server,
+`aopd teacher serve`), and with `--distill` the lab's distillation step with the HF teacher against the
+served one. Models: the lab student (0.1M parameters) and teacher (0.6M) and a ~20M Qwen3, all built from
+a config with the lab tokenizer and random weights. Each measurement runs in its own process (an
+in-process engine changes its process: threads, RNG, a process group); markdown tables are printed.
 
     OMP_NUM_THREADS=1 python benchmarks/rollout.py --prompts 64 --n 4 --new-tokens 64
+    python benchmarks/rollout.py --distill
 """
 
 import argparse
@@ -102,11 +104,18 @@ def measure_scoring(engine: str, folder: Path, args) -> dict:
     from aopd_cli.training.models import load_policy
 
     student = load_policy(ModelConfig(path=str(folder)), role="student")
-    config = TeacherConfig(path=str(folder), engine=engine, kv_cache_gib=KV_GIB, max_model_len=512)
+    kind = "server" if engine in ("openai", "service") else engine
+    config = TeacherConfig(path=str(folder), engine=kind, kv_cache_gib=KV_GIB, max_model_len=512)
     teacher = student if engine == "hf" else None
     micro = scoring_batch(student.tokenizer, args)
     with ExitStack() as stack:
         started = time.perf_counter()
+        if engine == "openai":  # a plain vLLM OpenAI server (a team's), then asked by url
+            from aopd_cli.teacher.openai_server import running_openai_server
+
+            url = stack.enter_context(running_openai_server(config, args.top_k, "float32",
+                                                            Path(tempfile.mkdtemp()) / "server.log"))
+            config = config.model_copy(update={"url": url})
         score = stack.enter_context(teacher_scorer(config, teacher, student, args.top_k, Path(tempfile.mkdtemp())))
         start_s = time.perf_counter() - started
         score(micro)  # warm-up
@@ -130,6 +139,41 @@ def run_one(kind: str, engine: str, name: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def distill_steps(args) -> None:
+    """`aopd distill` on the lab's shapes (random weights), the teacher in-process (HF) or served by
+    `aopd teacher serve` (started by the stage), one and four micro-batches a step: the median step time
+    (steps after the first two), and the served runs' scoring wall time and wait."""
+    import statistics
+
+    from aopd_cli.tracking.store import connect
+
+    student, teacher = checkpoint(args.root, "lab_student"), checkpoint(args.root, "lab_teacher")
+    work = Path(tempfile.mkdtemp(prefix="aopd-bench-distill-"))
+    print(f"# lab distill steps: batch 32 prompts x 64 new tokens, K={args.top_k}, {args.steps} steps each, "
+          f"load {os.getloadavg()[0]:.1f} at the start\n")
+    print("| teacher | micro-batches a step | step s (median) | teacher s | teacher wait s |\n|---|---|---|---|---|")
+    for micro in (32, 8):
+        for engine in ("hf", "server"):
+            out = work / f"{engine}-{micro}"
+            command = [sys.executable, "-m", "aopd_cli", "distill", f"student.path={student}", f"teacher.path={teacher}",
+                       f"teacher.engine={engine}", f"objective.top_k={args.top_k}", f"train.steps={args.steps}",
+                       f"train.micro_batch_size={micro}", "train.eval_every=0", "eval.benchmarks=[]",
+                       "teacher.max_model_len=512", f"teacher.kv_cache_gib={KV_GIB}", f"output_dir={out}"]
+            done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"| {engine} | {32 // micro} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | |")
+                continue
+            client = connect(f"sqlite:///{work}/mlflow.db")
+            run_id = json.loads((out / "aopd_run.json").read_text())["run_id"]
+
+            def median(key):
+                values = [m.value for m in client.get_metric_history(run_id, key) if m.step > 2]
+                return f"{statistics.median(values):.3f}" if values else "-"
+
+            print(f"| {engine} | {32 // micro} | {median('time/step_s')} | {median('time/teacher_s')} | "
+                  f"{median('time/teacher_wait_s')} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(ARCHS))
@@ -139,7 +183,10 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=32, help="sequences per teacher scoring call")
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-server", action="store_true", help="skip the server (it takes ~30-60 s to start)")
+    parser.add_argument("--no-server", action="store_true", help="skip the servers (the OpenAI one takes ~30-60 s)")
+    parser.add_argument("--no-generate", action="store_true", help="skip the rollout table")
+    parser.add_argument("--distill", action="store_true", help="the lab's distillation step, HF teacher vs served")
+    parser.add_argument("--steps", type=int, default=12, help="--distill: steps of each run")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "aopd-bench-models")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,25 +199,34 @@ def main() -> None:
     names = args.models.split(",")
     for name in names:
         checkpoint(args.root, name)
+    if args.distill:
+        distill_steps(args)
+        return
     print(f"# rollout and scoring speed (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"{os.cpu_count()} CPUs; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens; scoring "
           f"{args.sequences} sequences x {args.new_tokens} response tokens, K={args.top_k})\n")
-    print("| model | HF generate tok/s | vLLM tok/s | vLLM start s | sync ms | score HF ms/1k tok | "
-          "score vLLM ms/1k tok | score server ms/1k tok | server start s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    def cell(result, key, digits=0):
+        return result["error"] if "error" in result else f"{result[key]:,.{digits}f}"
+
+    if not args.no_generate:
+        print("| model | HF generate tok/s | vLLM tok/s | vLLM start s | sync ms |\n|---|---|---|---|---|")
+        for name in names:
+            hf, vllm = run_one("generate", "hf", name, args), run_one("generate", "vllm", name, args)
+            print(f"| {name} | {cell(hf, 'tokens_per_s')} | {cell(vllm, 'tokens_per_s')} | "
+                  f"{cell(vllm, 'start_s', 1)} | {cell(vllm, 'sync_ms', 1)} |", flush=True)
+        print()
+    engines = ["hf", "vllm"] + ([] if args.no_server else ["openai", "service"])
+    print("| model | " + " | ".join(f"score {e} ms/1k tok" for e in engines) + " | service / vLLM | "
+          "OpenAI start s | service start s |")
+    print("|---" * (len(engines) + 4) + "|")
     for name in names:
-        hf, vllm = run_one("generate", "hf", name, args), run_one("generate", "vllm", name, args)
-        scores = {engine: run_one("score", engine, name, args) for engine in ("hf", "vllm", "server")
-                  if engine != "server" or not args.no_server}
-
-        def cell(result, key, digits=0):
-            return result["error"] if "error" in result else f"{result[key]:,.{digits}f}"
-
-        server = scores.get("server", {"error": "skipped"})
-        print(f"| {name} | {cell(hf, 'tokens_per_s')} | {cell(vllm, 'tokens_per_s')} | {cell(vllm, 'start_s', 1)} | "
-              f"{cell(vllm, 'sync_ms', 1)} | {cell(scores['hf'], 'ms_per_1k_tokens', 1)} | "
-              f"{cell(scores['vllm'], 'ms_per_1k_tokens', 1)} | {cell(server, 'ms_per_1k_tokens', 1)} | "
-              f"{cell(server, 'start_s', 1)} |", flush=True)
+        scores = {engine: run_one("score", engine, name, args) for engine in engines}
+        ratio = "-"
+        if "service" in scores and "error" not in scores["service"] and "error" not in scores["vllm"]:
+            ratio = f"{scores['service']['ms_per_1k_tokens'] / scores['vllm']['ms_per_1k_tokens']:.2f}x"
+        starts = [cell(scores[e], "start_s", 1) if e in scores else "-" for e in ("openai", "service")]
+        print(f"| {name} | " + " | ".join(cell(scores[e], "ms_per_1k_tokens", 1) for e in engines)
+              + f" | {ratio} | {starts[0]} | {starts[1]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -164,12 +164,12 @@ def _marked(marker: str) -> list:
 
 @pytest.fixture(scope="module")
 def server(vllm_installed, models, tmp_path_factory):
-    from aopd_cli.teacher.openai_server import running_server, served_model
+    from aopd_cli.teacher.openai_server import running_openai_server, served_model
 
     config = TeacherConfig(path=str(models[1]), engine="server", **SMALL)
     marker = os.environ["AOPD_TEST_MARKER"] = uuid.uuid4().hex  # the server copies the environment at its start
     try:
-        with running_server(config, K, "float32", tmp_path_factory.mktemp("server") / "server.log") as url:
+        with running_openai_server(config, K, "float32", tmp_path_factory.mktemp("server") / "server.log") as url:
             os.environ.pop("AOPD_TEST_MARKER")
             yield url, served_model(url, 30.0), config
     finally:
@@ -200,7 +200,8 @@ def _micro_batch(tokenizer):
 def teacher_scores(vllm_installed, models, server, student):
     """The same micro-batch scored by HF, an in-process vLLM engine and the server."""
     from aopd_cli.rollout.vllm_engine import start_engine
-    from aopd_cli.teacher.scorers import hf_scorer, server_scorer, vllm_scorer
+    from aopd_cli.teacher.remote import openai_scorer
+    from aopd_cli.teacher.scorers import hf_scorer, vllm_scorer
     from aopd_cli.training.models import load_policy
 
     micro = _micro_batch(student.tokenizer)
@@ -213,7 +214,7 @@ def teacher_scores(vllm_installed, models, server, student):
     finally:
         close()
     url, model, config = server
-    served = server_scorer(url, model, K, vocabulary, config.model_copy(update={"request_sequences": 2}))(micro)
+    served = openai_scorer(url, model, K, vocabulary, config.model_copy(update={"request_sequences": 2}))(micro)
     with torch.no_grad():
         from aopd_cli.training.update import target_hidden
 
@@ -250,7 +251,7 @@ def test_a_server_that_cannot_serve_the_student_is_refused_in_one_line(server, s
 
 
 def test_server_requests_retry_then_report(monkeypatch):
-    from aopd_cli.teacher import openai_server as teacher_server
+    from aopd_cli.teacher import http as teacher_server
 
     monkeypatch.setattr(teacher_server.time, "sleep", lambda seconds: None)
     with pytest.raises(teacher_server.ServerError) as failed:
@@ -261,7 +262,7 @@ def test_server_requests_retry_then_report(monkeypatch):
 def test_server_processes_stop_with_the_group_and_die_with_their_parent(tmp_path):
     """What `running_server` relies on, on stand-ins: stop_group ends a whole process group, and a
     server whose parent is SIGKILLed gets SIGTERM (PR_SET_PDEATHSIG)."""
-    from aopd_cli.teacher.openai_server import _die_with_parent, stop_group
+    from aopd_cli.teacher.http import _die_with_parent, stop_group
 
     family = [sys.executable, "-c", "import subprocess, sys, time; "
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"]
@@ -273,7 +274,7 @@ def test_server_processes_stop_with_the_group_and_die_with_their_parent(tmp_path
     pid_file = tmp_path / "pid"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import subprocess, sys, time
-        from aopd_cli.teacher.openai_server import _die_with_parent
+        from aopd_cli.teacher.http import _die_with_parent
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                                  start_new_session=True, preexec_fn=_die_with_parent)
         open({str(pid_file)!r}, "w").write(str(child.pid))

@@ -144,9 +144,10 @@ def trace_update(shape, depth: int, world: int, rows: int, response: int, object
                 return seqkd_loss(head, m.targets_BT, m.mask_BT, normalizer=normalizer)
         else:
             loss_fn = objective_loss(objective)
-            micro.teacher = TeacherTopK(torch.zeros(rows, response), torch.zeros(rows, response, top_k, dtype=torch.long),
-                                        torch.zeros(rows, response, top_k))
-            micro.base_logprobs_BT = torch.zeros(rows, response)
+            micro.teacher = TeacherTopK(torch.zeros(rows, response, dtype=torch.float32),
+                                        torch.zeros(rows, response, top_k, dtype=torch.long),
+                                        torch.zeros(rows, response, top_k, dtype=torch.float32))
+            micro.base_logprobs_BT = torch.zeros(rows, response, dtype=torch.float32)
             micro.correct_B = torch.zeros(rows, dtype=torch.bool)
         tracker = FSDPMemTracker(policy.model, optimizer)
         with tracker:

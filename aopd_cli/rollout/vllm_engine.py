@@ -103,8 +103,9 @@ def kept_rng():
 
 def start_engine(key: str, *, model: str, dtype: torch.dtype, seed: int, max_model_len: int | None,
                  tensor_parallel_size: int, gpu_memory_utilization: float, kv_cache_gib: float,
-                 enforce_eager: bool | None = None, **extra):
-    """(llm, close): an in-process `vllm.LLM` and the function that frees it."""
+                 enforce_eager: bool | None = None, standalone: bool = False, **extra):
+    """(llm, close): an in-process `vllm.LLM` and the function that frees it. `standalone`: the engine is
+    its process's only work (`aopd teacher serve`): tensor parallelism runs on vLLM's own worker processes."""
     _environment()
     vllm = import_vllm(key)
     on_gpu = torch.cuda.is_available()
@@ -112,7 +113,7 @@ def start_engine(key: str, *, model: str, dtype: torch.dtype, seed: int, max_mod
     # the trainer's group (torchrun, or aopd's group of one on a GPU) names this process's rank; a group
     # another in-process engine made does not, and a second engine simply shares it
     trainer_group = not owns_group and "RANK" in os.environ
-    if tensor_parallel_size > 1 and not trainer_group:
+    if tensor_parallel_size > 1 and not trainer_group and not standalone:
         raise UserError(f"{key}: tensor_parallel_size={tensor_parallel_size} runs one engine across trainer "
                         "processes: launch with --nproc-per-node (torchrun), one process per GPU")
     kwargs = dict(model=model, dtype=str(dtype).removeprefix("torch."), seed=seed, max_model_len=max_model_len,

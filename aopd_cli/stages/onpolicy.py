@@ -11,6 +11,8 @@ syncs the rollout weights. What an objective needs comes from `objectives.OBJECT
 from __future__ import annotations
 
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +155,7 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
     log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
     remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
+    served = spec.teacher_scores and config.teacher.engine == "server"  # in another process: scores overlap
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng = random.Random(config.seed)
     diagnostics = {"advantages": []}  # a sample of the advantages seen (saved with each step checkpoint)
@@ -175,8 +178,11 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
         micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
         drift.update(step=step, max=0.0, sum=0.0, count=0,
                      engine_logprobs_BR=batch.logprobs_BR if spec.samples_from == "student" else None)
+        metrics = {}
         with names.timed("teacher", timings):
-            if remote:
+            if served:  # requests go out now, one a micro-batch; the update waits for each as it comes to it
+                _score_ahead(score, micro_batches, pool, metrics)
+            elif remote:
                 score_rows(score, micro_batches, rollout_micro_batches(batch, len(batch.prompt_index_B))[0])
             # a sharded scorer needs the same number of forwards on every rank: extra ones are thrown away
             rounds = int(dist.all_reduce([len(micro_batches)], "max")[0])
@@ -191,9 +197,9 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
                 correct = _grade(student, batch, [records[chosen[i]] for i in batch.prompt_index_B])
                 for micro in micro_batches:
                     micro.correct_B = correct[micro.rows_B]
-        response_len = float(batch.response_mask_BR.sum(-1).float().mean())
-        return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction),
-                         {**timings, names.train("response_len"): response_len})
+        # one dict, which the served scores' waits still write into during the update (the loop reads it after)
+        metrics |= {**timings, names.train("response_len"): float(batch.response_mask_BR.sum(-1).float().mean())}
+        return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction), metrics)
 
     base_loss = objective_loss(objective)
 
@@ -231,12 +237,36 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
         scorer = nullcontext(hf_scorer(teacher, objective.top_k))
     elif spec.teacher_scores:  # an engine or a server, for the loop and no longer
         scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
-    with scorer as score:  # make_step reads `score` when it runs
+    with scorer as score, ThreadPoolExecutor(config.teacher.max_in_flight) as pool:  # make_step reads both
         checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
                                 after_update=after_update, evaluate=evaluate, label=session.name,
                                 diagnostics=diagnostics)
     advantages = diagnostics["advantages"]
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
+
+
+def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
+    """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
+    update reaches it. `time/teacher_s` is then the scoring's wall time (first request to last answer),
+    `time/teacher_wait_s` how long the trainer waited for it."""
+    started, finished = time.perf_counter(), []
+
+    def scored(micro):
+        scores = score(micro)
+        finished.append(time.perf_counter())  # before the future is done: read only after waiting on it
+        return scores
+
+    metrics[names.seconds("teacher_wait")] = 0.0
+    for micro in micro_batches:
+        future = pool.submit(scored, micro)
+
+        def ready(micro=micro, future=future):
+            waiting = time.perf_counter()
+            micro.teacher, micro.ready = future.result(), None
+            metrics[names.seconds("teacher_wait")] += time.perf_counter() - waiting
+            metrics[names.seconds("teacher")] = max(finished) - started
+
+        micro.ready = ready
 
 
 def _grade(policy, batch: RolloutBatch, records: list[dict]) -> torch.Tensor:

@@ -8,8 +8,8 @@ They score the teacher, and the frozen base of ExOPD (its token log-probs). The 
   responses and V = 152k, a whole micro-batch of logits would take tens of GB).
 - `vllm`: an in-process vLLM engine (`max_logprobs` = K), asked for `prompt_logprobs=K` on prompt +
   response: per position the actual token's log-prob and the top-K, at temperature 1.
-- `server`: the same request to a vLLM server (`teacher.url`, or one aopd starts for the stage), in
-  requests of `teacher.request_sequences` sequences, `teacher.max_in_flight` at once.
+- `server`: a teacher served apart (teacher/remote.py): aopd's teacher service (`aopd teacher serve`, packed
+  arrays; aopd starts one for the stage when `teacher.url` is empty) or a vLLM OpenAI server at `teacher.url`.
 
 All three return the same `TeacherTopK` on the same batch (ids equal but for exact ties; float32
 log-probs to ~1e-5). A scorer is just a function of a micro-batch; remote engines are given a rank's
@@ -20,7 +20,6 @@ whole step at once (`score_rows`), so they can batch it.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -28,6 +27,7 @@ from typing import Callable
 import torch
 
 from aopd_cli.errors import UserError
+from aopd_cli.teacher.topk import assemble, scores_from_flat, sequences_of
 from aopd_cli.training.distributed import is_sharded
 from aopd_cli.training.models import stop_token_ids
 from aopd_cli.training.objectives import TeacherTopK
@@ -70,11 +70,7 @@ def check_teacher(teacher, student, top_k: int) -> None:
     """One line, before any work, for a teacher its engine cannot serve to this student (HF teachers are
     checked as loaded models, `engine.check_compatible`)."""
     if teacher.engine == "server" and teacher.url:
-        from aopd_cli.teacher.openai_server import check_server, served_model
-
-        url = teacher.url.rstrip("/")
-        check_server(url, served_model(url, teacher.timeout_s), student.tokenizer,
-                     _clamped(top_k, student), teacher.timeout_s)
+        check_served(teacher.url.rstrip("/"), teacher, student, _clamped(top_k, student))
         return
     from transformers import AutoConfig, AutoTokenizer
 
@@ -127,14 +123,27 @@ def teacher_scorer(teacher_cfg, teacher, student, top_k: int, log_dir: Path):
         finally:
             close()
         return
-    from aopd_cli.teacher.openai_server import check_server, served_model, teacher_url
+    from aopd_cli.teacher.remote import teacher_url
     from aopd_cli.training.models import compute_dtype
 
     dtype = str(compute_dtype(teacher_cfg.dtype, student.device)).removeprefix("torch.")
     with teacher_url(teacher_cfg, k, dtype, log_dir / "teacher_server.log") as url:
-        model = served_model(url, teacher_cfg.timeout_s)
-        check_server(url, model, student.tokenizer, k, teacher_cfg.timeout_s)
-        yield server_scorer(url, model, k, vocabulary_of(student), teacher_cfg)
+        yield check_served(url, teacher_cfg, student, k)
+
+
+def check_served(url: str, teacher_cfg, student, k: int) -> Scorer:
+    """The scorer of the server at `url` (aopd's teacher service, or a vLLM OpenAI server), checked to
+    serve this student with K log-probs a position, before any work."""
+    from aopd_cli.teacher.openai_server import check_server, served_model
+    from aopd_cli.teacher.remote import check_service, openai_scorer, service_info, service_scorer
+
+    info = service_info(url, teacher_cfg.timeout_s)
+    if info is not None:
+        check_service(url, info, student.tokenizer, vocabulary_of(student), k)
+        return service_scorer(url, k, vocabulary_of(student), teacher_cfg)
+    model = served_model(url, teacher_cfg.timeout_s)
+    check_server(url, model, student.tokenizer, k, teacher_cfg.timeout_s)
+    return openai_scorer(url, model, k, vocabulary_of(student), teacher_cfg)
 
 
 def score_rows(score: Scorer, micro_batches: list[MicroBatch], whole: MicroBatch) -> None:
@@ -154,43 +163,15 @@ def vllm_scorer(llm, k: int, vocabulary: int) -> Scorer:
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, flat_logprobs=True)
 
     def score(micro: MicroBatch) -> TeacherTopK:
-        rows = _sequences(micro)
+        rows = sequences_of(micro)
         scored = [row for row in rows if row[2]]
         outputs = []
         if scored:
             with kept_rng():
                 outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in scored], params, use_tqdm=False)
-        results = iter([_from_flat(output.prompt_logprobs, start, count, k)
+        results = iter([scores_from_flat(output.prompt_logprobs, start, count, k)
                         for output, (_, start, count) in zip(outputs, scored)])
-        return _assemble([next(results) if count else None for _, _, count in rows], micro, k, vocabulary)
-
-    return score
-
-
-def server_scorer(url: str, model: str, k: int, vocabulary: int, teacher_cfg) -> Scorer:
-    from aopd_cli.teacher.openai_server import ServerError, request
-
-    def post(chunk):
-        payload = {"model": model, "prompt": [ids for ids, _, _ in chunk], "max_tokens": 1, "temperature": 1.0,
-                   "prompt_logprobs": k}
-        try:
-            answer = request(f"{url}/v1/completions", payload, timeout=teacher_cfg.timeout_s,
-                             retries=teacher_cfg.retries)
-        except ServerError as err:
-            raise UserError(f"teacher server {url}: scoring failed (after {teacher_cfg.retries} retries): {err}"
-                            ) from None
-        choices = sorted(answer["choices"], key=lambda choice: choice["index"])  # answers may come in any order
-        return [_from_json(choice["prompt_logprobs"], ids, start, count, k)
-                for choice, (ids, start, count) in zip(choices, chunk)]
-
-    def score(micro: MicroBatch) -> TeacherTopK:
-        rows = _sequences(micro)
-        scored = [row for row in rows if row[2]]
-        size = teacher_cfg.request_sequences
-        chunks = [scored[start:start + size] for start in range(0, len(scored), size)]
-        with ThreadPoolExecutor(max(1, min(teacher_cfg.max_in_flight, len(chunks)))) as pool:
-            results = iter([result for chunk in pool.map(post, chunks) for result in chunk])
-        return _assemble([next(results) if count else None for _, _, count in rows], micro, k, vocabulary)
+        return assemble([next(results) if count else None for _, _, count in rows], micro, k, vocabulary)
 
     return score
 
@@ -203,52 +184,3 @@ def vocabulary_of(student) -> int:
 def _clamped(top_k: int, student) -> int:
     # vLLM with max_logprobs above the vocabulary lets an oversize K crash the engine's step
     return min(top_k, vocabulary_of(student))
-
-
-def _sequences(micro: MicroBatch) -> list[tuple[list[int], int, int]]:
-    """Per row: the real tokens (prompt + counted response), where the response starts, its length."""
-    rows = []
-    for ids_L, attn_L in zip(micro.ids_BL.tolist(), micro.attn_BL.tolist()):
-        prompt = [t for t, a in zip(ids_L[:micro.first_target], attn_L[:micro.first_target]) if a]
-        count = sum(attn_L[micro.first_target:])  # the counted response is a prefix of the response columns
-        rows.append((prompt + ids_L[micro.first_target:micro.first_target + count], len(prompt), count))
-    return rows
-
-
-def _from_flat(entries, start: int, count: int, k: int):
-    """vLLM's flat prompt log-probs: position t >= 1 holds [the actual token, top-1 .. top-K]."""
-    logprobs = torch.tensor(entries.logprobs, dtype=torch.float32).view(-1, k + 1)[start - 1:start - 1 + count]
-    ids = torch.tensor(entries.token_ids, dtype=torch.long).view(-1, k + 1)[start - 1:start - 1 + count]
-    return logprobs[:, 0], ids[:, 1:], logprobs[:, 1:]
-
-
-def _from_json(entries, ids: list[int], start: int, count: int, k: int):
-    """The server's prompt log-probs: per position {str(id): {logprob, rank}} (the actual token merged in)."""
-    token, top_ids, top_logprobs = [], [], []
-    for position in range(start, start + count):
-        row = entries[position]
-        token.append(row[str(ids[position])]["logprob"])
-        by_rank = {}
-        for token_id, value in row.items():  # one id per rank 1..K (an exact tie may add the actual token)
-            if value["rank"] <= k:
-                by_rank.setdefault(value["rank"], (int(token_id), value["logprob"]))
-        ranked = [by_rank[rank] for rank in sorted(by_rank)]
-        top_ids.append([token_id for token_id, _ in ranked])
-        top_logprobs.append([logprob for _, logprob in ranked])
-    return torch.tensor(token), torch.tensor(top_ids, dtype=torch.long), torch.tensor(top_logprobs)
-
-
-def _assemble(results, micro: MicroBatch, k: int, vocabulary: int) -> TeacherTopK:
-    """[B, T] / [B, T, K] tensors from each row's response scores (positions past a row's end stay 0)."""
-    batch, width = micro.ids_BL.shape[0], micro.ids_BL.shape[1] - micro.first_target
-    token_BT = torch.zeros(batch, width)
-    ids_BTK = torch.zeros(batch, width, k, dtype=torch.long)
-    logprobs_BTK = torch.zeros(batch, width, k)
-    for row, result in enumerate(results):
-        if result is not None:
-            token, ids, logprobs = result
-            token_BT[row, :len(token)], ids_BTK[row, :len(token)], logprobs_BTK[row, :len(token)] = token, ids, logprobs
-    if ids_BTK.numel() and int(ids_BTK.max()) >= vocabulary:
-        raise UserError(f"the teacher ranks token id {int(ids_BTK.max())}, past the student's vocabulary of "
-                        f"{vocabulary}: teacher and student must share the vocabulary")
-    return TeacherTopK(token_BT, ids_BTK, logprobs_BTK)

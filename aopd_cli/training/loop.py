@@ -104,6 +104,7 @@ def train_loop(session: Run, policy: Policy, *, make_step: Callable[[int], StepB
                 metrics = {names.train("loss"): result.loss, names.train("grad_norm"): result.grad_norm,
                            names.train("lr"): scheduler.get_last_lr()[0], names.train("skipped_steps"): skipped,
                            names.train("tokens_per_s"): tokens / max(time.perf_counter() - started, 1e-9),
+                           names.seconds("step"): time.perf_counter() - started,
                            **timings, **{names.train(k): v for k, v in result.metrics.items()},
                            **{k: v / dist.world_size() for k, v in shared.items()}}
                 if (step + 1) % train.log_every == 0 or step + 1 == train.steps or not result.stepped:

@@ -53,6 +53,10 @@ def load_sharded(path: str, *, load_dtype: torch.dtype, trainable: bool, compute
     model.to_empty(device=device)
     _read_shards(model, folder)
     _recompute_buffers(model, device)
+    if (folder / "generation_config.json").is_file():  # as from_pretrained reads it (a final checkpoint keeps it)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
     return model
 
 

@@ -30,6 +30,7 @@ class MicroBatch:
     base_logprobs_BT: torch.Tensor | None = None
     correct_B: torch.Tensor | None = None
     rows_B: torch.Tensor | None = None  # which rows of the step's batch these are (micro-batches may reorder)
+    ready: Callable[[], None] | None = None  # work still on its way (a served teacher's scores): awaited first
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -123,6 +124,8 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
     # (divided by the global normaliser): scaling by the world size makes the average the sum
     scale = dist.world_size() if dist.is_sharded(model) else 1
     for micro in micro_batches:
+        if micro.ready is not None:  # the next micro-batches' scores arrive while this one trains
+            micro.ready()
         micro = micro.to(policy.device)
         output = loss_fn(student_head(model, micro), micro, normalizer)
         (output.loss * scale).backward()
