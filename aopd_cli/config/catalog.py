@@ -18,6 +18,7 @@ import yaml
 
 from aopd_cli.config.compose import experiments_dir, flatten, group_options, recipes_dir
 from aopd_cli.config.schema import OBJECTIVE_MODELS, STAGE_MODELS, DataConfig, EvalConfig, ModelConfig, RolloutConfig
+from aopd_cli.config.suggest import did_you_mean
 from aopd_cli.errors import ConfigError
 
 WIDTH = 100
@@ -85,8 +86,8 @@ def list_group(name: str) -> str:
     if name in STAGE_MODELS:
         return list_stage(name)
     if name not in groups():
-        allowed = ", ".join(groups() + list(STAGE_MODELS) + ["experiments"])
-        raise ConfigError(f"ls {name}: no such group or stage; allowed: {allowed}")
+        allowed = groups() + list(STAGE_MODELS) + ["experiments"]
+        raise ConfigError(f"ls {name}: no such group or stage{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}")
     lines = [f"{name}: {GROUP_MEANING.get(name, 'a recipe group')}. Choose with {name}=OPTION, "
              f"change one key with {name}.KEY=VALUE.", ""]
     for option in group_options(name):

@@ -8,7 +8,6 @@ the CLI prints it and exits 2 before anything is written.
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from aopd_cli.config.schema import OBJECTIVE_MODELS, STAGE_MODELS, Experiment
+from aopd_cli.config.suggest import did_you_mean
 from aopd_cli.errors import ConfigError, UnknownKey, UnknownOption
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,11 @@ def experiments_dir() -> Path:
     return Path(os.environ.get("AOPD_EXPERIMENTS", REPO_ROOT / "experiments")).resolve()
 
 
+def groups_of() -> list[str]:
+    """The recipe groups (`objective`, `data`, ...): a group is a key too (`objective=gkd`)."""
+    return sorted(p.name for p in recipes_dir().iterdir() if p.is_dir())
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (recipes_dir() / group).glob("*.yaml"))
 
@@ -42,7 +47,7 @@ def compose_dict(stage: str, overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     if stage not in STAGE_MODELS:
-        raise ConfigError(f"unknown stage {stage!r}; allowed: {', '.join(STAGE_MODELS)}")
+        raise ConfigError(f"unknown stage {stage!r}{did_you_mean(stage, STAGE_MODELS)}; allowed: {', '.join(STAGE_MODELS)}")
     try:
         with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
             cfg = compose(config_name=stage, overrides=list(overrides))
@@ -72,9 +77,8 @@ def _missing_option_error(err, overrides: list[str]) -> ConfigError:
         key, _, value = override.lstrip("+~").partition("=")
         if (recipes_dir() / key).is_dir() and value not in group_options(key):
             options = group_options(key)
-            hint = difflib.get_close_matches(value, options, n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
-            return UnknownOption(f"{key}={value}: no such option{did_you_mean}; allowed: {', '.join(options)}")
+            return UnknownOption(f"{key}={value}: no such option{did_you_mean(value, options)}; allowed: "
+                                 f"{', '.join(options)}")
     return ConfigError(str(err).strip())
 
 
@@ -85,12 +89,10 @@ def _composition_error(stage: str, err, overrides: list[str]) -> ConfigError:
         return ConfigError(text.strip())
     key, _, value = bad.partition("=")
     known = flat_keys(compose_dict(stage, [o for o in overrides if o != bad]))
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     parent = key.rpartition(".")[0]
     siblings = sorted(k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent)
     allowed = f" Keys under {parent!r}: {', '.join(siblings)}." if siblings and parent else ""
-    return UnknownKey(f"{key}={value}: unknown key{did_you_mean}.{allowed}")
+    return UnknownKey(f"{key}={value}: unknown key{did_you_mean(key, known)}.{allowed}")
 
 
 def sweep_values(key: str, values: str) -> list[str]:
@@ -147,7 +149,8 @@ def _validation_message(err: ValidationError, raw: dict) -> str:
         if issue["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key{_extra_hint(loc, raw)}")
         elif issue["type"] == "union_tag_invalid":
-            lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVE_MODELS)}, got {issue['input']!r}")
+            lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVE_MODELS)}, got {issue['input']!r}"
+                         + did_you_mean(str(issue["input"]), OBJECTIVE_MODELS))
         else:
             lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg'].removeprefix('Value error, ')}")
     if len(lines) == 1:
@@ -162,9 +165,8 @@ def _extra_hint(loc: list[str], raw: dict) -> str:
         model = OBJECTIVE_MODELS.get(objective_name)
         if model is not None:
             allowed = [f for f in model.model_fields if f != "name"]
-            hint = difflib.get_close_matches(name, allowed, n=1)
-            did_you_mean = f" (did you mean {'objective.' + hint[0]!r}?)" if hint else ""
-            return f" for objective {objective_name!r}{did_you_mean}; allowed: {', '.join(allowed)}"
+            hint = did_you_mean(f"objective.{name}", [f"objective.{f}" for f in allowed])
+            return f" for objective {objective_name!r}{hint}; allowed: {', '.join(allowed)}"
     return ""
 
 
@@ -187,7 +189,8 @@ def load_experiment(name_or_path: str) -> Experiment:
     path = experiment_path(name_or_path)
     if not path.is_file():
         options = sorted(p.stem for p in experiments_dir().glob("*.yaml"))
-        raise ConfigError(f"experiment={name_or_path}: no such experiment; allowed: {', '.join(options)}")
+        raise ConfigError(f"experiment={name_or_path}: no such experiment{did_you_mean(name_or_path, options)}; "
+                          f"allowed: {', '.join(options)}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

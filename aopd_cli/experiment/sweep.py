@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aopd_cli.config.compose import ConfigError, load_stage_config, sweep_values
+from aopd_cli.config.suggest import did_you_mean
 from aopd_cli.stages.lifecycle import external_fingerprints
 from aopd_cli.stages.preflight import preflight_all
 
@@ -87,6 +88,26 @@ def _definitions_digest(stage: str, overrides: list[str]) -> str:
     return digest.hexdigest()
 
 
+def _check_swept_keys(stage: str, params: list[str], overrides: list[str]) -> None:
+    """Every `--param` key names a key (or a group) the swept stages have: one line naming the key, with a
+    suggestion, before any child is composed."""
+    from aopd_cli.config.compose import compose_dict, flat_keys, groups_of
+
+    kinds = [stage] if stage != "pipeline" else ["warmup", "distill", "continual", "eval"]
+    known = {key for kind in kinds for key in flat_keys(compose_dict(kind, [o for o in overrides if stage != "pipeline"]))}
+    known |= set(groups_of())
+    if stage == "pipeline" and _experiment_file(overrides).is_file():  # STAGE.key targets one stage
+        from aopd_cli.config.compose import load_experiment
+
+        known |= {f"{s.name}.{key}" for s in load_experiment(str(_experiment_file(overrides))).stages
+                  for key in flat_keys(compose_dict(s.stage, []))}
+    for param in params:
+        short = param.partition("=")[0]
+        key = ALIASES.get(short, short)
+        if short and key not in known:
+            raise ConfigError(f"--param {short}: unknown key{did_you_mean(short, [*known, *ALIASES])}")
+
+
 def _target(stage: str, overrides: list[str], values: dict[str, str], out: Path, tags: dict[str, str] | None = None):
     """A child's validated stage config, or its pipeline Plan, writing under `out`."""
     child_overrides = overrides + [f"{k}={v}" for k, v in values.items()] + [f"output_dir={out}"]
@@ -104,7 +125,8 @@ def _configs(stage: str, targets: list) -> list:
 
 def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) -> SweepPlan:
     if stage not in STAGES:
-        raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise ConfigError(f"sweep STAGE must be one of {', '.join(STAGES)}, got {stage!r}{did_you_mean(stage, STAGES)}")
+    _check_swept_keys(stage, params, overrides)
     command = json.dumps([stage, sorted(params), seeds, overrides])
     # the same command after an edit to a recipe or experiment file, or to a data file it reads, is another
     # sweep: its children would run other configs or data, and "done before" must never stand for old runs
@@ -133,7 +155,7 @@ def run_sweep(plan: SweepPlan) -> None:
     from aopd_cli.errors import Interrupted
     from aopd_cli.experiment.pipeline import run_pipeline
     from aopd_cli.stages.runner import run_stage
-    from aopd_cli.tracking.runs_view import runs_link, table_columns
+    from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
     from aopd_cli.tracking.store import find_runs, resume_run, start_run
 
     console = Console()
@@ -147,6 +169,11 @@ def run_sweep(plan: SweepPlan) -> None:
         plan.tracking, run_name=f"sweep {plan.stage} {plan.sweep_id}",
         tags={"sweep_parent": plan.sweep_id, "stage": "sweep", "sweep_command": plan.command[:5000],
               **({"experiment_yaml": plan.experiment_text} if plan.experiment_text else {})})
+    link = None
+    if parent.run_id:  # the view is there from the start: the runs can be watched as they come
+        link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
+                         f"tags.sweep_id = '{plan.sweep_id}' and {TRAINING_ROWS}")  # every stage of every child
+        console.print(f"sweep {plan.sweep_id}: watch its runs with {link}", soft_wrap=True, highlight=False)
     finished = {run.data.tags.get("sweep_child") for run in find_runs(
         uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
         if run.data.tags.get("mlflow.parentRunId") == parent.run_id}
@@ -177,8 +204,6 @@ def run_sweep(plan: SweepPlan) -> None:
     if parent.run_id is None:
         console.print(f"[bold green]sweep {plan.sweep_id} done[/]")
         return
-    link = runs_link(plan.tracking, table_columns(configs, plan.children[0].values),
-                     f"tags.sweep_id = '{plan.sweep_id}' and tags.stage != 'pipeline'")  # every stage of every child
     # soft_wrap: a command cut across lines cannot be pasted
     console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`; "
                   f"see the runs with {link}", soft_wrap=True, highlight=False)
