@@ -137,3 +137,10 @@ def _fake(metrics):
 
     return SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={"stage": "continual"}, params={}),
                            info=SimpleNamespace(run_id="r"))
+
+
+def test_an_unknown_parent_is_named_as_such(tmp_path):
+    from helpers import run_aopd
+
+    result = run_aopd("compare", "--parent", "deadbeef", cwd=tmp_path)
+    assert result.returncode == 1 and "--parent deadbeef: no such run in experiment 'aopd'" in result.stderr

@@ -203,7 +203,14 @@ def run_compare(*, experiment: str, parent: str | None, metrics: list[str], out_
 
     from aopd_cli.tracking.store import find_runs
 
-    runs, scope = select_runs(find_runs(tracking_uri, experiment), parent, every)
+    every_run = find_runs(tracking_uri, experiment)
+    if parent and not any(run.info.run_id == parent for run in every_run):
+        from aopd_cli.config.suggest import did_you_mean
+
+        parents = [run.info.run_id for run in every_run if run.data.tags.get("stage") in ("sweep", "pipeline")]
+        raise UserError(f"--parent {parent}: no such run in experiment {experiment!r}{did_you_mean(parent, parents)}; "
+                        "a sweep or pipeline ends with the `aopd compare --parent RUN` to use")
+    runs, scope = select_runs(every_run, parent, every)
     if not runs:
         raise UserError(f"no finished distill/continual/eval runs in experiment {experiment!r}"
                         + (f" under run {parent}" if parent else "") + "; run a stage or a sweep first")
