@@ -192,3 +192,18 @@ def test_token_budget_micro_batches_group_similar_lengths_and_trim_padding():
     assert [m.rows_B.tolist() for m in cut] == [[0, 2], [3, 1]]  # short with short, long with long
     assert [m.ids_BL.shape[1] for m in cut] == [4, 9]  # each trimmed to its own longest row
     assert sum(int(m.mask_BT.sum()) for m in cut) == int(mask.sum())
+
+
+def test_a_stage_takes_the_threads_it_is_given(tmp_path, lab_cache):
+    from aopd_cli.config.compose import load_stage_config
+    from aopd_cli.stages.runner import run_stage
+
+    before = torch.get_num_threads()
+    try:
+        config = load_stage_config("eval", ["student=lab_student", "eval.limit=1", "eval.n=1", "eval.k=[1]",
+                                            "eval.max_new_tokens=4", "eval.tool_benchmarks=[]", "threads=1",
+                                            "tracking.enabled=false", f"output_dir={tmp_path / 'ev'}"])
+        run_stage(config)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

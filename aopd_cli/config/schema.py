@@ -230,6 +230,7 @@ class WarmupConfig(Strict):
     rollout: RolloutConfig = RolloutConfig()  # the engine of its evaluations (vLLM at paper lengths)
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
     output_dir: str = "outputs/warmup"
     resume: Resume = "auto"
     reuse_cached: bool = False  # reuse a checkpoint trained from the same config (content hash)
@@ -249,6 +250,7 @@ class DistillConfig(Strict):
     eval: EvalConfig
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
     output_dir: str = "outputs/distill"
     resume: Resume = "auto"
 
@@ -260,6 +262,7 @@ class EvalStageConfig(Strict):
     eval: EvalConfig
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
     output_dir: str = "outputs/eval"
     resume: Resume = "auto"
 

@@ -72,7 +72,7 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
         own = [_resolve(o, configs, stage.name) for o in stage.overrides] + [f"output_dir={root_dir / stage.name}"]
         composed = [o for o in experiment.overrides if _accepts(stage.stage, own, o)] + own
         # a shared stage takes only the overrides that cannot change its checkpoint (where runs are tracked)
-        for o in [o for o in shared if o.startswith("tracking.")] if stage.shared else shared:
+        for o in [o for o in shared if o.startswith(("tracking.", "threads="))] if stage.shared else shared:
             if _accepts(stage.stage, composed, o):
                 used[o] = True
                 composed.append(o)
@@ -118,7 +118,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
     from aopd_cli.stages.lifecycle import output_lock, read_record
     from aopd_cli.stages.preflight import preflight_all
     from aopd_cli.stages.runner import run_stage
-    from aopd_cli.tracking.runs_view import runs_link, table_columns
+    from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
     from aopd_cli.tracking.store import resume_run, start_run
     from aopd_cli.tracking.tracker import NullTracker, closing
     from aopd_cli.training import distributed as dist
@@ -141,6 +141,12 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
                                    tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
                                    parent_run_id=parent_run_id)
             record_file.write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": first.tracking.uri}))
+            link = None
+            if parent.run_id and parent_run_id is None:  # (a sweep's child: the sweep's view lists it)
+                # the view is there from the start: the runs can be watched as they come
+                link = runs_link(first.tracking, table_columns(plan.configs.values()),
+                                 f"tags.`mlflow.parentRunId` = '{parent.run_id}' and {TRAINING_ROWS}")
+                say(f"pipeline {name}: watch its runs with {link}")
         results, timings = {}, {}
         with closing(parent):
             for stage_name, config in plan.configs.items():
@@ -158,12 +164,8 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
                 console.print(report, highlight=False, soft_wrap=True, markup=False)
                 (plan.root / "comparison.md").write_text(report)
                 parent.log_artifact(plan.root / "comparison.md")
-                if parent.run_id:
-                    swept = [key.removeprefix("sweep.") for key in plan.extra_tags if key.startswith("sweep.")]
-                    link = runs_link(first.tracking, table_columns(plan.configs.values(), swept),
-                                     f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
-                say(f"pipeline {name} done: {plan.root}"
-                    + (f", MLflow run {parent.run_id}; see the runs with {link}" if parent.run_id else ""))
+                say(f"pipeline {name} done: {plan.root}" + (f", MLflow run {parent.run_id}" if parent.run_id else "")
+                    + (f"; see the runs with {link}" if link else ""))
             return results
 
 

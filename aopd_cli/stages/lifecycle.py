@@ -31,7 +31,7 @@ from aopd_cli.training.interrupts import StopFlag, handled_signals
 
 RUN_FILE, DONE_FILE, LOCK_FILE = "aopd_run.json", "aopd_done.json", ".aopd.lock"
 # keys that change what a stage computes; the rest (logging, evaluation, where to write) may change on resume
-NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached"}
+NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached", "threads"}
 TRAIN_NOT_IDENTITY = {"log_every", "eval_every", "save_every", "keep_last", "max_skipped"}
 
 
@@ -279,6 +279,8 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
                     tracker.log_params(flatten(config.model_dump(mode="json")))
                     (out_dir / CONFIG_FILE).write_text(to_yaml(config))
                     tracker.log_artifact(out_dir / CONFIG_FILE)
+                if tracker.run_id and parent_run_id is None:  # a stage on its own: its runs' view, from the start
+                    say(f"watch the runs with {_view(config)}")
             if resume_from is not None:
                 total = getattr(getattr(config, "train", None), "steps", 0)
                 say(f"resuming {run_name or config.stage} from step {total if step < 0 else step} of {total} "
@@ -304,8 +306,11 @@ def finish(session: Session, result) -> None:
         say(f"{session.config.stage} done: {session.out_dir}"
             + (f" (MLflow run {session.tracker.run_id})" if session.tracker.run_id else ""))
         if session.tracker.run_id and session.parent_run_id is None:
-            from aopd_cli.tracking.runs_view import runs_link, table_columns
+            say(f"see the runs with {_view(session.config)}")
 
-            link = runs_link(session.config.tracking, table_columns([session.config]),
-                             f"tags.stage = '{session.config.stage}'")
-            say(f"see the runs with {link}")
+
+def _view(config) -> str:
+    """The runs table of this kind of stage, and how to open it."""
+    from aopd_cli.tracking.runs_view import runs_link, table_columns
+
+    return runs_link(config.tracking, table_columns([config]), f"tags.stage = '{config.stage}'")

@@ -30,6 +30,13 @@ def run_stage(config, *, parent_run_id: str | None = None, run_name: str | None 
     from aopd_cli.stages.preflight import preflight
     from aopd_cli.training import distributed
 
+    if config.threads:  # two runs on a 2-core laptop: one thread each, not two fighting over both
+        import os
+
+        import torch
+
+        torch.set_num_threads(config.threads)
+        os.environ["OMP_NUM_THREADS"] = str(config.threads)  # what a vLLM engine started later reads
     distributed.init()
     preflight(config)
     done = finished_result(config) if config.resume == "auto" else None

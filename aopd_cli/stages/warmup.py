@@ -42,7 +42,7 @@ def cache_key(config) -> str:
     from aopd_cli.stages.lifecycle import TRAIN_NOT_IDENTITY, input_fingerprints
 
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume",
-                                                      "rollout"})
+                                                      "rollout", "threads"})
     content["train"] = {k: v for k, v in content["train"].items() if k not in TRAIN_NOT_IDENTITY}
     start = content["student"].get("path")
     if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
