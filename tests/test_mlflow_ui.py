@@ -7,11 +7,13 @@ datasets, and the view aopd's closing line links to has the useful columns.
 """
 
 import json
+import os
+import signal
 import urllib.parse
 import urllib.request
 
 import pytest
-from helpers import run_aopd
+from helpers import run_aopd, start_aopd, wait_for
 from test_tracking import free_port, start_server, stop_server
 
 # a distillation and the evaluation of its checkpoint, as small as a pipeline gets
@@ -70,11 +72,11 @@ def test_the_experiment_opens_on_its_runs_with_a_description(ui_server):
     view = json.loads(tags["mlflow.sharedViewState.aopd"])
     assert view["selectedColumns"][:2] == ["tags.`objective`", "tags.`sweep.objective.tau`"]  # eval runs have them
     assert {"metrics.`eval/lab_math/pass_at_1`", "metrics.`train/loss`"} <= set(view["selectedColumns"])
-    # the view lists the sweep's stage runs, one flat list by name (sorted by start time, the UI folds them)
+    # the view lists the sweep's training runs, one flat list by name (sorted by start time, the UI folds
+    # them); the eval runs, which repeat their stage's closing evaluation, are left out
     listed = ui(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": view["searchFilter"],
                                       "order_by": [view["orderByKey"] + " ASC"]})["runs"]
-    assert [run["info"]["run_name"] for run in listed] == [
-        "aopd tau=-1 seed=0", "aopd tau=0 seed=0", "eval_aopd tau=-1 seed=0", "eval_aopd tau=0 seed=0"]
+    assert [run["info"]["run_name"] for run in listed] == ["aopd tau=-1 seed=0", "aopd tau=0 seed=0"]
 
 
 @pytest.mark.slow
@@ -111,3 +113,32 @@ def test_runs_are_named_by_what_they_are_and_carry_params_tags_metrics_and_datas
             assert json.loads(used["dataset"]["source"]) == {"uri": "lab_math"}
             logged_rows = json.loads(used["dataset"]["profile"])["num_rows"]
             assert logged_rows == rows if rows else logged_rows > 0
+
+
+@pytest.mark.slow
+def test_the_link_works_while_the_pipeline_runs(tmp_path, tiny_checkpoint, lab_cache):
+    """The view is written when the pipeline starts: opened mid-run, it lists the stage that is running."""
+    (tmp_path / "ui_check.yaml").write_text(EXPERIMENT.format(tiny_checkpoint).replace("train.steps=2",
+                                                                                       "train.steps=5000"))
+    process = start_aopd("pipeline", f"experiment={tmp_path / 'ui_check.yaml'}", cwd=tmp_path, cache=lab_cache,
+                         log=tmp_path / "pipeline.log")
+    port = free_port()
+    server = start_server(tmp_path, port, store=f"sqlite:///{tmp_path}/mlflow.db", command="ui")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "watch its runs with" in (tmp_path / "pipeline.log").read_text() or process.poll() is not None,
+                 what="the pipeline's first line with the link")
+        wait_for(lambda: "step 1/5000" in (tmp_path / "pipeline.log").read_text() or process.poll() is not None,
+                 what="the distillation's first step")
+        assert process.poll() is None, (tmp_path / "pipeline.log").read_text()[-2000:]
+        link = next(line for line in (tmp_path / "pipeline.log").read_text().splitlines() if "watch its runs" in line)
+        experiment = ui(base, "experiments/get-by-name?experiment_name=aopd")["experiment"]
+        assert f"#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning&viewStateShareKey=aopd" in link
+        view = json.loads(pairs(experiment["tags"])["mlflow.sharedViewState.aopd"])
+        listed = ui(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]],
+                                          "filter": view["searchFilter"]})["runs"]
+        assert [(run["info"]["run_name"], run["info"]["status"]) for run in listed] == [("aopd", "RUNNING")]
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=120)
+        stop_server(server)

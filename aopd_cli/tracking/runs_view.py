@@ -14,18 +14,47 @@ UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 UI_VIEW = "aopd"  # the runs table's shared view that aopd writes and links to
 
 
+# keys that differ between runs by construction, or name data and models rather than a method's knob
+_NOT_KNOBS = ("output_dir", "tracking.", "seed", "resume", "threads", "student.", "teacher.", "base.", "data.",
+              "eval.", "tool_data.", "stage")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def varying_keys(configs, limit: int = 4) -> list[str]:
+    """The knobs that differ between the training stages of these configs (an ablation's), as columns."""
+    flats = [_flat(c.model_dump(mode="json")) for c in configs if c.stage in ("distill", "continual")]
+    keys = sorted({key for flat in flats for key in flat if not key.startswith(_NOT_KNOBS)})
+    return [key for key in keys if len({repr(flat.get(key)) for flat in flats}) > 1][:limit]
+
+
 def table_columns(configs, swept=()) -> list[str]:
     """The runs table's columns for runs of these stage configs, as the UI names them: the objective and
-    the swept values as tags (eval runs carry them too; else the param `objective.tau`), each benchmark's
-    Pass@1 and tool success, the loss."""
+    the swept values as tags (eval runs carry them too), the knobs that differ between the stages (an
+    ablation's, as params; else `objective.tau`), each benchmark's Pass@1 and tool success, the loss."""
     from aopd_cli import metrics as names
 
+    configs = list(configs)
     tags = ["objective", *(f"sweep.{key}" for key in swept if key != "seed")]
+    knobs = [key for key in varying_keys(configs) if key not in swept] or (["objective.tau"] if len(tags) == 1 else [])
     evals = [config.eval for config in configs if getattr(config, "eval", None) is not None]
     metrics = ([names.pass_at(b, 1) for e in evals for b in e.benchmarks]
                + [names.tool(b, "success") for e in evals for b in e.tool_benchmarks] + [names.train("loss")])
-    return ([f"tags.`{k}`" for k in tags] + ([] if len(tags) > 1 else ["params.`objective.tau`"])
+    return ([f"tags.`{k}`" for k in tags] + [f"params.`{k}`" for k in knobs]
             + [f"metrics.`{k}`" for k in dict.fromkeys(metrics)])
+
+
+# the rows a view lists: the training stages (an eval stage repeats its stage's closing evaluation) and no
+# warm-up reused from the cache (it trained nothing)
+TRAINING_ROWS = "tags.stage != 'eval' and tags.stage != 'pipeline' and tags.reused_checkpoint IS NULL"
 
 
 def runs_view(client, experiment: str, columns: list[str], search: str = "") -> str:
