@@ -1,6 +1,8 @@
-"""The lab report's verdicts on the paper's claims C1-C6 (issue 13), computed from a `lab_runs.Sweep` with
-rules written down here: a gap under `NOISE` (2 points of Pass@1, about one standard error of the
-lab's 200 test problems x 8 samples) is a tie; a claim with every part holding is "reproduced", with some "partly".
+"""The lab report's verdicts on the paper's claims, judged as the paper states them. Every part of a claim
+is a paired difference with a 95% interval (results/stats.py: a bootstrap over problems and seeds), in
+Pass@1 on the held-out test split (the paper's metric), Pass@4 for the math kept through continual
+learning, tool success per instruction, and for the training curves the mean over steps. A claim about
+AOPD is judged on its AOPD parts only; what the paper says of the baselines is a claim of its own.
 
     aopd report --parent RUN_ID --out docs/lab.md
 """
@@ -8,147 +10,200 @@ lab's 200 test problems x 8 samples) is a tie; a claim with every part holding i
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
 
 from aopd_cli import metrics as names
-from aopd_cli.results.lab_runs import (
-    MATH_BENCH,
-    Sweep,
-    ablation_finals,
-    curve,
-    mean_std,
-    rows_by_block,
-    table2_rows,
-    training_stages,
-)
+from aopd_cli.results.lab_runs import MATH_BENCH, Sweep, rows_by_block, training_stages
+from aopd_cli.results.problems import Problems, by_seed
+from aopd_cli.results.stats import Diff, claim_verdict, mean_difference, part_state, series_difference
 
-NOISE = 0.02  # 2 points of Pass@1: about one standard error over seeds and problems; smaller gaps are ties
-RELATIVE = 0.1  # entropy and intervention ratio: a change under 10% of the value is a tie
+TOOLS_BENCH = "lab_tools"
+OTHERS = ("SeqKD", "OPD", "ExOPD", "GKD")
 
 
-def _final(sweep: Sweep, stage: str, key: str) -> float | None:
-    return mean_std(sweep.finals(stage, key))[0]
+@dataclass
+class Part:
+    text: str  # what the paper says, as a difference: "AOPD - OPD, final Pass@1 > 0"
+    diff: Diff | None
+    direction: int  # +1: the claim says the difference is positive
+    unit: str = "pt"
+    scale: float = 100.0
+
+    @property
+    def state(self) -> str:
+        return part_state(self.diff, self.direction)
+
+    def line(self) -> str:
+        digits = 1 if self.scale == 100.0 else 3
+        value = self.diff.fmt(self.scale, digits) if self.diff else "no data"
+        seeds = ", ".join(f"{self.scale * v:+.{digits}f}" for v in self.diff.per_seed) if self.diff else ""
+        return f"{self.text}: {value} {self.unit} (per seed {seeds}): **{self.state}**"
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+@dataclass
+class Claim:
+    key: str
+    statement: str
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return claim_verdict([part.state for part in self.parts])
 
 
-def _block_summary(sweep: Sweep, client, block: str) -> dict[str, dict]:
-    """Per method of a block: start, final, lowest point of the curve's first half, mean entropy, and the
-    intervention ratio's first and last quarter (where logged)."""
-    pass1 = names.pass_at(names.MATH_AVG, 1)
-    rows = rows_by_block(sweep).get(block, {})
+class Evidence:
+    """The per-seed, per-problem numbers the parts compare, read once."""
+
+    def __init__(self, sweep: Sweep, problems: Problems):
+        self.sweep, self.problems = sweep, problems
+
+    def final(self, stage: str, k: int = 1) -> dict:
+        return by_seed(self.sweep, stage, lambda run: self.problems.math(run, MATH_BENCH, k))
+
+    def tools(self, stage: str) -> dict:
+        return by_seed(self.sweep, stage, lambda run: self.problems.tools(run, TOOLS_BENCH))
+
+    def curve(self, stage: str) -> dict[str, dict[int, dict[str, float]]]:
+        return by_seed(self.sweep, stage, lambda run: self.problems.curve(run, MATH_BENCH))
+
+    def early_minus_start(self, stage: str) -> Diff | None:
+        """Mean Pass@1 over the curve's first half (its evaluations after step 0) - Pass@1 at step 0."""
+        early, start = {}, {}
+        for seed, by_step in self.curve(stage).items():
+            steps = [s for s in by_step if 0 < s <= max(by_step) / 2]
+            if 0 in by_step and steps:
+                start[seed] = by_step[0]
+                early[seed] = {p: statistics.fmean(by_step[s][p] for s in steps if p in by_step[s])
+                               for p in by_step[0] if all(p in by_step[s] for s in steps)}
+        return mean_difference(early, start)
+
+    def series(self, client, stage: str, key: str) -> dict[str, list[float]]:
+        from aopd_cli.tracking.store import metric_history
+
+        return {seed: [v for _, v in metric_history(client, by_name[stage].info.run_id, key)]
+                for seed, by_name in self.sweep.seeds.items() if stage in by_name}
+
+
+def _change(evidence: Evidence, before: str, after: str, k: int = 4) -> dict:
+    """{seed: {problem: Pass@k after - before}} through the continual stage."""
+    b, a = evidence.final(before, k), evidence.final(after, k)
+    return {s: {p: a[s][p] - b[s][p] for p in a[s] if p in b[s]} for s in a if s in b}
+
+
+def block_claims(evidence: Evidence, block: str, key: str) -> list[Claim]:
+    rows, trained = rows_by_block(evidence.sweep).get(block, {}), training_stages(evidence.sweep, block)
     sft = next((stage for method, stage in rows.items() if "SFT" in method), None)
-    start = _final(sweep, sft, pass1) if sft else None
-    summary = {}
-    for method, stage in training_stages(sweep, block).items():
-        runs = sweep.runs(stage)
-        steps, values, _ = curve(client, runs, names.pass_at(MATH_BENCH, 1))
-        early = [v for s, v in zip(steps, values) if 0 < s <= max(steps or [0]) / 2]
-        _, entropy, _ = curve(client, runs, names.train("entropy"))
-        _, ratio, _ = curve(client, runs, names.train("intervention_ratio"))
-        quarter = max(1, len(ratio) // 4)
-        summary[method] = {"start": start, "final": _final(sweep, rows[method], pass1),
-                           "final_std": mean_std(sweep.finals(rows[method], pass1))[1],
-                           "early_min": min(early) if early else None,
-                           "entropy": statistics.fmean(entropy) if entropy else None,
-                           "ratio_first": statistics.fmean(ratio[:quarter]) if ratio else None,
-                           "ratio_last": statistics.fmean(ratio[-quarter:]) if ratio else None}
-    return summary
+    if sft is None or "AOPD" not in rows:
+        return []
+    start, aopd = evidence.final(sft), evidence.final(rows["AOPD"])
+    others = [m for m in OTHERS if m in rows]
+    ends_above = [Part(f"AOPD - {m}, final Pass@1", mean_difference(aopd, evidence.final(rows[m])), +1)
+                  for m in others]
+    improves = Part("AOPD final - warm-up start, Pass@1", mean_difference(aopd, start), +1)
+    if block == "weak":
+        claims = [Claim(f"{key} (AOPD)", "weak warm-up: AOPD improves steadily and ends best",
+                        [improves, Part("AOPD first half - start of its curve, Pass@1",
+                                        evidence.early_minus_start(trained["AOPD"]), +1) if "AOPD" in trained
+                         else None, *ends_above]),
+                  Claim(f"{key} (baselines)", "weak warm-up: OPD and ExOPD degrade early",
+                        [Part(f"{m} first half - start of its curve, Pass@1", evidence.early_minus_start(trained[m]), -1)
+                         for m in ("OPD", "ExOPD") if m in trained])]
+    else:
+        claims = [Claim(f"{key} (AOPD)", "strong warm-up: AOPD improves and ends best", [improves, *ends_above]),
+                  Claim(f"{key} (baselines)", "strong warm-up: every on-policy baseline improves",
+                        [Part(f"{m} final - warm-up start, Pass@1", mean_difference(evidence.final(rows[m]), start), +1)
+                         for m in ("OPD", "ExOPD", "GKD") if m in rows])]
+    for claim in claims:
+        claim.parts = [part for part in claim.parts if part is not None]
+    return claims
 
 
-def _below(a: float | None, b: float | None, margin: float = 0.0) -> bool:
-    """a < b - margin, False where either is missing (a missing number supports no claim)."""
-    return a is not None and b is not None and a < b - margin
+def seqkd_claim(evidence: Evidence) -> Claim | None:
+    parts = []
+    for block, rows in rows_by_block(evidence.sweep).items():
+        sft = next((stage for method, stage in rows.items() if "SFT" in method), None)
+        if sft and "SeqKD" in rows:
+            parts.append(Part(f"{block}: SeqKD final - warm-up start, Pass@1",
+                              mean_difference(evidence.final(rows["SeqKD"]), evidence.final(sft)), -1))
+    return Claim("C3", "SeqKD falls below its start", parts) if parts else None
 
 
-def _verdict(parts: list[bool]) -> str:
-    return "reproduced" if all(parts) else "partly" if any(parts) else "not reproduced"
+def continual_claims(evidence: Evidence) -> list[Claim]:
+    table = evidence.sweep.experiment.table2
+    if "AOPD" not in table:
+        return []
+    change = {method: _change(evidence, before, after) for method, (before, after) in table.items()}
+    success = {method: evidence.tools(after) for method, (_, after) in table.items()}
+    aopd = [Part("AOPD's math Pass@4, after - before", mean_difference(change["AOPD"]), +1),
+            Part("AOPD tool success", mean_difference(success["AOPD"]), +1)]
+    if "OPD" in change:
+        aopd.insert(1, Part("AOPD's math change - OPD's, Pass@4", mean_difference(change["AOPD"], change["OPD"]), +1))
+    baselines = [Part(f"OPD's math change - {m}'s, Pass@4", mean_difference(change["OPD"], change[m]), -1)
+                 for m in change if m not in ("OPD", "AOPD") and "OPD" in change]
+    baselines += [Part(f"{m} tool success", mean_difference(success[m]), +1) for m in success if m != "AOPD"]
+    return [Claim("C4 (AOPD)", "after continual learning on tools AOPD keeps its math, loses less than OPD, and "
+                  "learns the tools", aopd),
+            Claim("C4 (baselines)", "OPD loses the most math; every method learns the tools", baselines)]
 
 
-def _ends_best(summary: dict, method: str, among: list[str]) -> bool:
-    finals = [summary[m]["final"] for m in among if m in summary and summary[m]["final"] is not None]
-    mine = summary.get(method, {}).get("final")
-    return mine is not None and bool(finals) and mine >= max(finals) - NOISE
+def dynamics_claim(evidence: Evidence, client) -> Claim | None:
+    parts = []
+    for block in ("weak", "strong"):
+        trained = training_stages(evidence.sweep, block)
+        if "AOPD" in trained and "OPD" in trained:
+            entropy = names.train("entropy")
+            parts.append(Part(f"{block}: AOPD - OPD mean entropy", series_difference(
+                evidence.series(client, trained["AOPD"], entropy), evidence.series(client, trained["OPD"], entropy)),
+                +1, "nats", 1.0))
+            ratio = evidence.series(client, trained["AOPD"], names.train("intervention_ratio"))
+            quarters = {seed: values for seed, values in ratio.items() if len(values) >= 8}
+            last = {s: v[-len(v) // 4:] for s, v in quarters.items()}
+            first = {s: v[:len(v) // 4] for s, v in quarters.items()}
+            parts.append(Part(f"{block}: AOPD intervention ratio, last quarter - first", series_difference(last, first),
+                              -1, "pt"))
+    return Claim("C5 (AOPD)", "AOPD keeps a higher entropy than OPD, and its intervention ratio falls",
+                 parts) if parts else None
 
 
-def claims(sweep: Sweep, client, ablations: dict[str, Sweep]) -> list[str]:
-    onpolicy = ["OPD", "ExOPD", "GKD", "AOPD"]
-    lines = []
-    weak, strong = _block_summary(sweep, client, "weak"), _block_summary(sweep, client, "strong")
-
-    def describe(summary, methods):
-        return "; ".join(f"{m} {_pct(summary[m]['start'])} -> min {_pct(summary[m]['early_min'])} -> "
-                         f"{_pct(summary[m]['final'])}" for m in methods if m in summary)
-
-    if weak:
-        drops = [_below(weak[m]["early_min"], weak[m]["start"], NOISE) for m in ("OPD", "ExOPD") if m in weak]
-        aopd = weak.get("AOPD", {})
-        steady = not _below(aopd.get("early_min"), aopd.get("start"), NOISE) and aopd.get("early_min") is not None \
-            and _below(aopd.get("start"), aopd.get("final"), NOISE)
-        best = _ends_best(weak, "AOPD", onpolicy)
-        lines.append(f"**C1** (weak warm-up: OPD/ExOPD drop early, AOPD improves steadily and ends best): "
-                     f"**{_verdict([all(drops) and bool(drops), steady, best])}**. Pass@1 start -> lowest point in "
-                     f"the first half -> end: {describe(weak, onpolicy)}.")
-    if strong:
-        improve = [_below(strong[m]["start"], strong[m]["final"], NOISE) for m in onpolicy if m in strong]
-        best = _ends_best(strong, "AOPD", onpolicy)
-        lines.append(f"**C2** (strong warm-up: every on-policy method improves, AOPD best or near): "
-                     f"**{_verdict([all(improve) and bool(improve), best])}**. {describe(strong, onpolicy)}.")
-    seqkd = [(block, s["SeqKD"]) for block, s in (("weak", weak), ("strong", strong)) if "SeqKD" in s]
-    if seqkd:
-        below = [_below(s["final"], s["start"], NOISE) for _, s in seqkd]
-        lines.append(f"**C3** (SeqKD falls below its start): **{_verdict(below)}**. " + "; ".join(
-            f"{block}: {_pct(s['start'])} -> {_pct(s['final'])}" for block, s in seqkd) + ".")
-    rows = table2_rows(sweep)
-    if rows:
-        change = {m: mean_std(r["change"])[0] for m, r in rows.items()}
-        success = {m: mean_std(r["success"])[0] for m, r in rows.items()}
-        known = {m: c for m, c in change.items() if c is not None}
-        kept = "AOPD" in known and known["AOPD"] >= max(known.values()) - NOISE and known["AOPD"] >= -NOISE
-        # OPD "loses the most": a real loss, clearly more than AOPD's, and the lowest within noise
-        opd_worst = "OPD" in known and "AOPD" in known and _below(known["OPD"], -NOISE) \
-            and _below(known["OPD"], known["AOPD"], NOISE) and known["OPD"] <= min(known.values()) + NOISE
-        learned = all((v or 0) > 0.2 for v in success.values())
-        lines.append(f"**C4** (after continual learning AOPD keeps its math, OPD loses most, all learn tools): "
-                     f"**{_verdict([kept, opd_worst, learned])}**. Math Pass@4 change: " + ", ".join(
-                         f"{m} {_pct(c)}" for m, c in change.items()) + "; tool success: " + ", ".join(
-                         f"{m} {_pct(s)}" for m, s in success.items()) + ".")
-    entropy = [(block, s) for block, s in (("weak", weak), ("strong", strong)) if "AOPD" in s and "OPD" in s]
-    if entropy:
-        # margins: AOPD's mean entropy above OPD's by more than RELATIVE, its ratio falling by more than it
-        higher = [_below(s["OPD"]["entropy"] and s["OPD"]["entropy"] * (1 + RELATIVE), s["AOPD"]["entropy"])
-                  for _, s in entropy]
-        falls = [_below(s["AOPD"]["ratio_last"], s["AOPD"]["ratio_first"] and s["AOPD"]["ratio_first"] * (1 - RELATIVE))
-                 for _, s in entropy]
-        lines.append(f"**C5** (AOPD keeps higher entropy than OPD; its intervention ratio falls): "
-                     f"**{_verdict([all(higher), all(falls)])}**. " + "; ".join(
-                         f"{block}: mean entropy AOPD {s['AOPD']['entropy']:.3f} vs OPD {s['OPD']['entropy']:.3f}, "
-                         f"intervention ratio first quarter {s['AOPD']['ratio_first']:.3f} -> last "
-                         f"{s['AOPD']['ratio_last']:.3f}" for block, s in entropy
-                         if s["AOPD"]["entropy"] is not None and s["OPD"]["entropy"] is not None
-                         and s["AOPD"]["ratio_first"] is not None) + ".")
-    lines.append(_c6(ablations))
-    return lines
+def _setting(ablation: Sweep, problems: Problems, setting: str):
+    """{seed: {problem: Pass@1}} of the ablation's setting `setting` (a table1 label, `objective.` left out)."""
+    stage = next((s for label, s in ablation.experiment.table1.items() if label.removeprefix("objective.") == setting),
+                 None)
+    return by_seed(ablation, stage, lambda run: problems.math(run, MATH_BENCH)) if stage else {}
 
 
-def _c6(ablations: dict[str, Sweep]) -> str:
-    parts, text = [], []
+def ablation_claims(ablations: dict[str, Sweep], problems: Problems) -> list[Claim]:
+    claims = []
+
+    def compare(name, text, a, b, direction=+1):
+        sweep = ablations[name]
+        return Part(text, mean_difference(_setting(sweep, problems, a), _setting(sweep, problems, b)), direction)
+
     if "ablation_beta" in ablations:
-        means = [mean_std(p)[0] for _, p, _ in ablation_finals(ablations["ablation_beta"])]
-        # rises: never falls by more than the noise, ends above beta=0 by more than it, and beta=1 is best
-        known = [m for m in means if m is not None]
-        rising = len(known) == len(means) > 1 and all(b >= a - NOISE for a, b in zip(means, means[1:]))
-        parts.append(rising and means[-1] > means[0] + NOISE and means[-1] >= max(known) - NOISE)
-        text.append("beta (0, 0.5, 0.9, 1): Pass@1 " + ", ".join(_pct(m) for m in means))
+        claims.append(Claim("C6 beta", "Pass@1 is highest at beta = 1 (forward KL), rising toward it",
+                            [compare("ablation_beta", f"beta=1 - beta={b}", "beta=1", f"beta={b}") for b in
+                             ("0", "0.5", "0.9")]))
     if "ablation_topk" in ablations:
-        finals = {label.rpartition("=")[2]: mean_std(p)[0] for label, p, _ in ablation_finals(ablations["ablation_topk"])}
-        best = max((v for v in finals.values() if v is not None), default=None)
-        parts.append(best is not None and finals.get("32") is not None and finals["32"] >= best - NOISE)
-        text.append("top-K " + ", ".join(f"K={k}: {_pct(v)}" for k, v in finals.items()))
-    if not parts:
-        return "**C6** (ablations): no ablation sweep in the store; run `aopd sweep pipeline experiment=ablation_beta --seeds 3` (and topk)."
-    return f"**C6** (Pass@1 rises with beta toward 1; K = 32 a good trade-off): **{_verdict(parts)}**. " + \
-        "; ".join(text) + "."
+        claims.append(Claim("C6 top-K", "final Pass@1 improves as K grows from 8 to 16 to 32",
+                            [compare("ablation_topk", "K=16 - K=8", "top_k=16", "top_k=8"),
+                             compare("ablation_topk", "K=32 - K=16", "top_k=32", "top_k=16")]))
+    if "ablation_location" in ablations:
+        claims.append(Claim("C6 location", "tau = 0 intervenes best; AOPD-Zero beats tau = -0.2",
+                            [compare("ablation_location", f"tau=0 - {other}", "tau=0", other)
+                             for other in ("tau=-0.2", "intervention=accuracy", "intervention=zero")]
+                            + [compare("ablation_location", "zero - tau=-0.2", "intervention=zero", "tau=-0.2")]))
+    if "ablation_tau" in ablations:
+        claims.append(Claim("C6 tau", "even sparse intervention (tau = -0.2) beats OPD (tau = -1); tau = 0 is best",
+                            [compare("ablation_tau", "tau=-0.2 - tau=-1 (OPD)", "tau=-0.2", "tau=-1")]
+                            + [compare("ablation_tau", f"tau=0 - tau={t}", "tau=0", f"tau={t}")
+                               for t in ("-1", "-0.2", "0.2", "1")]))
+    return claims
 
 
+def claims(sweep: Sweep, client, ablations: dict[str, Sweep]) -> list[Claim]:
+    problems = Problems(client)
+    evidence = Evidence(sweep, problems)
+    found = block_claims(evidence, "weak", "C1") + block_claims(evidence, "strong", "C2")
+    found += [claim for claim in (seqkd_claim(evidence),) if claim] + continual_claims(evidence)
+    found += [claim for claim in (dynamics_claim(evidence, client),) if claim]
+    return found + ablation_claims(ablations, problems)

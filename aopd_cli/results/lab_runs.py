@@ -68,15 +68,28 @@ def _sweep_experiment(run) -> str | None:
     return named[-1] if named else "lab"
 
 
-def _experiment_name(run) -> str | None:
-    """The `name` of the experiment a sweep ran (its file may be a path: a smoke copy, say)."""
-    from aopd_cli.config.compose import load_experiment
+def experiment_of(run):
+    """The experiment a sweep ran, as it was then (the `experiment_yaml` tag its start stored), else as its
+    file says now (a sweep from before that tag); None when neither is there."""
+    import yaml
 
+    from aopd_cli.config.compose import load_experiment
+    from aopd_cli.config.schema import Experiment
+
+    text = run.data.tags.get("experiment_yaml")
+    if text:
+        return Experiment.model_validate(yaml.safe_load(text))
     found = _sweep_experiment(run)
     try:
-        return load_experiment(found).name if found else None
+        return load_experiment(found) if found else None
     except ConfigError:  # the file is gone
         return None
+
+
+def _experiment_name(run) -> str | None:
+    """The `name` of the experiment a sweep ran (its file may be a path: a smoke copy, say)."""
+    experiment = experiment_of(run) if _sweep_experiment(run) else None
+    return experiment.name if experiment is not None else None
 
 
 def load_sweep(all_runs, parent_id: str | None, experiment: str) -> Sweep | None:
@@ -94,7 +107,7 @@ def load_sweep(all_runs, parent_id: str | None, experiment: str) -> Sweep | None
         if parent is None:
             raise UserError(f"no run {parent_id} in the tracking store")
     children = _children(all_runs)
-    sweep = Sweep(load_experiment(_sweep_experiment(parent) or experiment), parent)
+    sweep = Sweep(experiment_of(parent) or load_experiment(experiment), parent)
     for pipeline in children[parent.info.run_id]:
         if pipeline.info.status != "FINISHED":
             continue
