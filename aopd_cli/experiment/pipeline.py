@@ -70,12 +70,12 @@ def plan_pipeline(overrides: list[str], extra_tags: dict[str, str] | None = None
     for stage in experiment.stages:
         # precedence, lowest first: the experiment's shared overrides, the stage's own, the command line's
         own = [_resolve(o, configs, stage.name) for o in stage.overrides] + [f"output_dir={root_dir / stage.name}"]
-        composed = [o for o in experiment.overrides if _accepts(stage.stage, own, o)] + own
+        composed = _accepted(stage.stage, own, experiment.overrides) + own
         # a shared stage takes only the overrides that cannot change its checkpoint (where runs are tracked)
-        for o in [o for o in shared if o.startswith(("tracking.", "threads="))] if stage.shared else shared:
-            if _accepts(stage.stage, composed, o):
-                used[o] = True
-                composed.append(o)
+        offered = [o for o in shared if o.startswith(("tracking.", "threads="))] if stage.shared else shared
+        for o in _accepted(stage.stage, composed, offered):
+            used[o] = True
+            composed.append(o)
         configs[stage.name] = load_stage_config(stage.stage, composed + targeted.get(stage.name, []))
         source = next((o.partition("=@")[2] for o in stage.overrides if o.startswith("student.path=@")), None)
         if stage.stage == "eval" and source in configs:
@@ -98,6 +98,24 @@ def _resolve(override: str, done: dict, stage_name: str) -> str:
     if source not in done:
         raise ConfigError(f"stage {stage_name!r}: {override!r} refers to {source!r}, which is not an earlier stage")
     return f"{key}={checkpoint_of(done[source])}"
+
+
+def _accepted(stage: str, base: list[str], overrides: list[str]) -> list[str]:
+    """The overrides a stage of kind `stage` has the key of, in order, composing as few times as it can: once
+    for `base`, and again only after a group's option is chosen (`rollout=vllm` brings its own keys)."""
+    from aopd_cli.config.catalog import stage_groups
+    from aopd_cli.config.compose import flat_keys
+
+    groups, accepted, keys = set(stage_groups(stage)), [], None
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if keys is None:
+            keys = set(flat_keys(compose_dict(stage, base + accepted)))
+        if key in groups or key in keys or any(k.startswith(f"{key}.") for k in keys):
+            accepted.append(override)
+            if key in groups:
+                keys = None  # the option chosen changes the keys
+    return accepted
 
 
 def _accepts(stage: str, base: list[str], override: str) -> bool:
