@@ -34,3 +34,18 @@ def distill_args(checkpoint, out, *extra):
     return ["distill", f"student.path={checkpoint}", f"teacher.path={checkpoint}", "train.batch_size=8",
             "train.micro_batch_size=4", "objective.top_k=4", "eval.limit=4", "eval.n=2", "eval.k=[1]",
             "train.eval_every=0", "rollout.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={out}", *extra]
+
+
+def marked_processes(marker: str) -> list:
+    """The processes that carry `AOPD_TEST_MARKER=marker` in their environment: a process started with it
+    passes it to every process it starts, so orphans are found whatever they renamed themselves to."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get("AOPD_TEST_MARKER") == marker:
+                found.append(process)
+        except (psutil.Error, OSError):
+            pass
+    return found

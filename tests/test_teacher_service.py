@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for
+from helpers import distill_args, marked_processes, run_aopd, start_aopd, wait_for
 
 from aopd_cli.teacher.wire import pack_request, pack_scores, unpack_request, unpack_scores
 
@@ -62,19 +62,6 @@ def teacher_checkpoint(tmp_path_factory, lab_tokenizer):
     return folder
 
 
-def _marked(marker: str) -> list:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get("AOPD_TEST_MARKER") == marker:
-                found.append(process)
-        except (psutil.Error, OSError):
-            pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def service(vllm_installed, teacher_checkpoint, lab_cache, tmp_path_factory):
     from aopd_cli.teacher.http import free_port, request
@@ -98,7 +85,7 @@ def service(vllm_installed, teacher_checkpoint, lab_cache, tmp_path_factory):
     yield url
     os.killpg(process.pid, signal.SIGTERM)
     process.wait(timeout=60)
-    assert not _marked(marker), "the service left processes behind"
+    assert not marked_processes(marker), "the service left processes behind"
 
 
 @pytest.mark.slow
@@ -169,7 +156,7 @@ def test_a_distill_on_the_service_overlaps_scoring_and_survives_a_killed_service
         process = start_aopd(*longer, cwd=tmp_path, cache=lab_cache, log=tmp_path / "killed.log")
         wait_for(lambda: (tmp_path / "killed/step_2/meta.json").is_file() or process.poll() is not None,
                  timeout=600, what="a step checkpoint")
-        services = [p for p in _marked(marker) if "serve" in p.cmdline()]  # the word, not "server"
+        services = [p for p in marked_processes(marker) if "serve" in p.cmdline()]  # the word, not "server"
         assert services, "no teacher service found"
         for service_process in services:
             service_process.kill()
@@ -177,8 +164,8 @@ def test_a_distill_on_the_service_overlaps_scoring_and_survives_a_killed_service
         log = (tmp_path / "killed.log").read_text()
         assert "scoring failed" in log and "rerun the same command to resume" in log and "Traceback" not in log
         deadline = time.time() + 30
-        while _marked(marker) and time.time() < deadline:
+        while marked_processes(marker) and time.time() < deadline:
             time.sleep(0.5)
-        assert not _marked(marker), "processes were left behind"
+        assert not marked_processes(marker), "processes were left behind"
     finally:
         os.environ.pop("AOPD_TEST_MARKER", None)

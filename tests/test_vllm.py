@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import run_aopd
+from helpers import marked_processes, run_aopd
 
 from aopd_cli.config.schema import LabArch, ModelConfig, RolloutConfig, TeacherConfig
 from aopd_cli.errors import UserError
@@ -147,21 +147,6 @@ def test_a_skipped_sync_shows_as_a_large_logprob_gap(engine, student):
 
 
 # ---------------------------------------------------------------- teacher top-K on three engines
-def _marked(marker: str) -> list:
-    """The processes that carry `AOPD_TEST_MARKER=marker` in their environment: a server started with it
-    passes it to every process it starts, so orphans are found whatever they renamed themselves to."""
-    import psutil
-
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.pid != os.getpid() and process.environ().get("AOPD_TEST_MARKER") == marker:
-                found.append(process)
-        except (psutil.Error, OSError):
-            pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def server(vllm_installed, models, tmp_path_factory):
     from aopd_cli.teacher.openai_server import running_openai_server, served_model
@@ -175,9 +160,9 @@ def server(vllm_installed, models, tmp_path_factory):
     finally:
         os.environ.pop("AOPD_TEST_MARKER", None)
     deadline = time.time() + 30
-    while _marked(marker) and time.time() < deadline:
+    while marked_processes(marker) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _marked(marker), "the server left processes behind"
+    assert not marked_processes(marker), "the server left processes behind"
 
 
 def _micro_batch(tokenizer):
@@ -357,7 +342,7 @@ def test_a_stale_engine_shows_in_the_logged_gap_and_a_started_server_leaves_noth
     assert "teacher: server healthy" in result.stdout
     gaps = _history(tmp_path, "rollout/logprob_diff_max")
     assert gaps[1] < 1e-4 and gaps[2] > 1e-2, gaps
-    assert not _marked(marker), "the teacher server outlived its stage"
+    assert not marked_processes(marker), "the teacher server outlived its stage"
 
 
 def test_a_model_vllm_cannot_run_is_refused_before_any_work(vllm_installed, tmp_path, lab_cache):
