@@ -42,10 +42,11 @@ def layer_saved_per_token(shape: Shape) -> int:
 
 
 def update_parts(shape: Shape, world: int, batch: Batch, checkpointing: bool) -> dict[str, float]:
-    """Bytes per GPU at the peak of a student's optimizer step: the larger of two moments, the output
-    layer's forward over a chunk (everything saved, the chunk's fp32 logits, log-softmax and entropy terms)
-    and the backward through a decoder layer (the layer recomputed, its gradient on its way to the
-    reduce-scatter, the output layer's gradient kept for the root's)."""
+    """Bytes per GPU at the peak of a student's optimizer step: the largest of three moments, the output
+    layer's forward over a chunk (everything saved, the chunk's fp32 logits, log-softmax and entropy terms),
+    the backward through a decoder layer (the layer recomputed, its gradient on its way to the
+    reduce-scatter, the output layer's gradient kept for the root's) and AdamW's step (every gradient, and
+    the temporaries of its foreach kernels)."""
     tokens, counted = batch.tokens, batch.rows * batch.response
     saved = shape.layers * tokens * shape.hidden * 2 if checkpointing else \
         shape.layers * tokens * layer_saved_per_token(shape)
@@ -63,7 +64,9 @@ def update_parts(shape: Shape, world: int, batch: Batch, checkpointing: bool) ->
              + counted * shape.hidden * 4 + tokens * shape.hidden * 4,
              "the recomputed layer's saved tensors" if checkpointing else "its saved tensors' gradients":
                  tokens * layer_saved_per_token(shape)}
-    return max(head, layer, key=lambda parts: sum(parts.values()))
+    step = {"student params + AdamW moments (fp32, sharded)": 12 * shape.params / world,
+            "gradients (fp32, sharded) and AdamW's foreach temporaries": (4 + 8) * shape.params / world}
+    return max(head, layer, step, key=lambda parts: sum(parts.values()))
 
 
 def update_residue(shape: Shape, world: int) -> float:

@@ -106,6 +106,9 @@ def plan_training(name: str, config, gpus: int, gpu_bytes: float, made: dict, tr
             others = sum(v for n, v in kept.items() if n != model)
             plan.traced[f"{model} scoring"] = phase.peak.get("Total", 0.0) + update.residue + others + always
     _engines(plan, config, student, frozen, gpus, gpu_bytes, residue, always, made)
+    plan.notes.append(f"a step checkpoint (fp32 params and AdamW moments) is {12 * student.params / 1e9:.0f} GB on "
+                      f"disk; the final checkpoint, in the student.dtype ({config.student.dtype}: bf16 on GPUs at auto), about "
+                      f"{2 * student.params / 1e9:.0f} GB")
     return plan
 
 
