@@ -31,9 +31,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def varying_keys(configs, limit: int = 4) -> list[str]:
     """The knobs that differ between the training stages of these configs (an ablation's), as columns."""
-    flats = [_flat(c.model_dump(mode="json")) for c in configs if c.stage in ("distill", "continual")]
-    keys = sorted({key for flat in flats for key in flat if not key.startswith(_NOT_KNOBS)})
-    return [key for key in keys if len({repr(flat.get(key)) for flat in flats}) > 1][:limit]
+    found = []
+    for stage in ("distill", "continual"):  # within a kind of stage: a continual stage's lr is not a knob
+        flats = [_flat(c.model_dump(mode="json")) for c in configs if c.stage == stage]
+        keys = sorted({key for flat in flats for key in flat if not key.startswith(_NOT_KNOBS)} - {"objective.name"})
+        # a key that only some objectives have (beta: aopd and gkd) varies only where it has two values
+        found += [key for key in keys if len({repr(flat[key]) for flat in flats if key in flat}) > 1]
+    return list(dict.fromkeys(found))[:limit]
 
 
 def table_columns(configs, swept=()) -> list[str]:
