@@ -1,6 +1,7 @@
 """Running the command line as a user does, for the end-to-end tests."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,18 @@ def distill_args(checkpoint, out, *extra):
     return ["distill", f"student.path={checkpoint}", f"teacher.path={checkpoint}", "train.batch_size=8",
             "train.micro_batch_size=4", "objective.top_k=4", "eval.limit=4", "eval.n=2", "eval.k=[1]",
             "train.eval_every=0", "rollout.max_new_tokens=24", "eval.max_new_tokens=24", f"output_dir={out}", *extra]
+
+
+def whole_and_killed(work: Path, checkpoint, cache, step: int, *args) -> None:
+    """Distils to the end into `work/whole`, then starts the same run into `work/killed` and SIGKILLs it once
+    its step `step` checkpoint is written: the two runs a resume test compares."""
+    whole = run_aopd(*distill_args(checkpoint, "whole", *args), cwd=work, cache=cache)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    process = start_aopd(*distill_args(checkpoint, "killed", *args), cwd=work, cache=cache, log=work / "killed.log")
+    wait_for(lambda: (work / f"killed/step_{step}/meta.json").is_file() or process.poll() is not None,
+             what=f"the step {step} checkpoint")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 def marked_processes(marker: str) -> list:

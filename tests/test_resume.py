@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for
+from helpers import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
 from safetensors.torch import load_file
 
 from aopd_cli.tracking.store import connect
@@ -32,14 +32,7 @@ def weights(out):
 
 def test_a_killed_run_resumes_bit_for_bit_in_the_same_mlflow_run(tmp_path, tiny_checkpoint, lab_cache):
     args = ["train.steps=6", "train.save_every=2", "train.eval_every=3"]
-    whole = run_aopd(*distill_args(tiny_checkpoint, "whole", *args), cwd=tmp_path, cache=lab_cache)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    process = start_aopd(*distill_args(tiny_checkpoint, "killed", *args), cwd=tmp_path, cache=lab_cache,
-                         log=tmp_path / "killed.log")
-    wait_for(lambda: (tmp_path / "killed/step_2/meta.json").is_file() or process.poll() is not None,
-             what="the first step checkpoint")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    whole_and_killed(tmp_path, tiny_checkpoint, lab_cache, 2, *args)
     assert not (tmp_path / "killed/checkpoint").exists()
     rerun = run_aopd(*distill_args(tiny_checkpoint, "killed", *args), cwd=tmp_path, cache=lab_cache)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for
+from helpers import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
 from safetensors.torch import load_file
 
 from aopd_cli.tracking.store import connect
@@ -67,14 +67,7 @@ def test_an_edited_benchmark_is_evaluated_again(work, tiny_checkpoint, lab_cache
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_diagnostics_survive_the_resume(work, tiny_checkpoint, lab_cache):
     args = ["train.steps=6", "train.save_every=2"]
-    whole = run_aopd(*distill_args(tiny_checkpoint, "whole", *args), cwd=work, cache=lab_cache)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    process = start_aopd(*distill_args(tiny_checkpoint, "killed", *args), cwd=work, cache=lab_cache,
-                         log=work / "killed.log")
-    wait_for(lambda: (work / "killed/step_4/meta.json").is_file() or process.poll() is not None,
-             what="the second step checkpoint")
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    whole_and_killed(work, tiny_checkpoint, lab_cache, 4, *args)
     state = work / "killed/step_4/rank0.pt"  # damaged in place: same size, other bytes
     state.write_bytes(bytes(len(state.read_bytes())))
     rerun = run_aopd(*distill_args(tiny_checkpoint, "killed", *args), cwd=work, cache=lab_cache)

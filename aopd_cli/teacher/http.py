@@ -84,7 +84,7 @@ def started_on_main(start, *args):
     """The url of a server `start(*args)` runs for the block, started by rank 0 and shared with the node."""
     if int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size())) != dist.world_size():
         raise UserError("teacher.engine=server across nodes needs teacher.url: start `aopd teacher serve` on GPUs "
-                        "of its own (README, 'The paper's settings on GPUs') and pass its url")
+                        "of its own (docs/gpus.md) and pass its url")
     with ExitStack() as stack:
         outcome = None
         if dist.is_main():
