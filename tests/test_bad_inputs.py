@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from helpers import distill_args, run_aopd
+from cli_runs import distill_args, run_aopd
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from helpers import run_aopd
+from cli_runs import run_aopd
 
 COMMANDS = ["warmup", "distill", "continual", "eval", "pipeline", "sweep", "compare", "show"]
 

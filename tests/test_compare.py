@@ -140,7 +140,7 @@ def _fake(metrics):
 
 
 def test_an_unknown_parent_is_named_as_such(tmp_path):
-    from helpers import run_aopd
+    from cli_runs import run_aopd
 
     result = run_aopd("compare", "--parent", "deadbeef", cwd=tmp_path)
     assert result.returncode == 1 and "--parent deadbeef: no such run in experiment 'aopd'" in result.stderr

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_aopd
+from cli_runs import run_aopd
 
 from aopd_cli.config.compose import load_stage_config
 from aopd_cli.config.paths import looks_local, missing_inputs

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for
+from cli_runs import distill_args, run_aopd, start_aopd, wait_for
 
 from aopd_cli.tracking.store import connect
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import distill_args, run_aopd
+from cli_runs import distill_args, run_aopd
 
 from aopd_cli import metrics as names
 from aopd_cli.config.schema import EvalConfig

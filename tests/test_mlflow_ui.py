@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from helpers import run_aopd, start_aopd, wait_for
+from cli_runs import run_aopd, start_aopd, wait_for
 from test_tracking import free_port, start_server, stop_server
 
 # a distillation and the evaluation of its checkpoint, as small as a pipeline gets

@@ -2,7 +2,7 @@
 that must agree with it, and the paper's experiments on 8 GPUs."""
 
 import pytest
-from helpers import run_aopd
+from cli_runs import run_aopd
 
 from aopd_cli.config.schema import AopdObjective, TrainConfig
 from aopd_cli.experiment.pipeline import plan_pipeline

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
+from cli_runs import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
 from safetensors.torch import load_file
 
 from aopd_cli.tracking.store import connect

@@ -1,7 +1,7 @@
 """The stages end to end on the lab: `aopd pipeline experiment=lab_smoke` as a user runs it."""
 
 import pytest
-from helpers import run_aopd
+from cli_runs import run_aopd
 
 from aopd_cli.tracking.store import connect
 

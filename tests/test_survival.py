@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
+from cli_runs import distill_args, run_aopd, start_aopd, wait_for, whole_and_killed
 from safetensors.torch import load_file
 
 from aopd_cli.tracking.store import connect

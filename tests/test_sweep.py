@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run_aopd
+from cli_runs import run_aopd
 
 from aopd_cli.config.compose import ConfigError
 from aopd_cli.experiment.sweep import expand, plan_sweep

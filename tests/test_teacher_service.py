@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import distill_args, marked_processes, run_aopd, start_aopd, wait_for
+from cli_runs import distill_args, marked_processes, run_aopd, start_aopd, wait_for
 
 from aopd_cli.teacher.wire import pack_request, pack_scores, unpack_request, unpack_scores
 

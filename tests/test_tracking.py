@@ -86,7 +86,7 @@ def test_run_lands_on_a_real_mlflow_server(tmp_path, artifact):
 
 @pytest.mark.slow
 def test_training_goes_on_through_a_tracking_outage(tmp_path, tiny_checkpoint, lab_cache):
-    from helpers import distill_args, start_aopd, wait_for
+    from cli_runs import distill_args, start_aopd, wait_for
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"

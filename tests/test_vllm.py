@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 import torch
-from helpers import marked_processes, run_aopd
+from cli_runs import marked_processes, run_aopd
 
 from aopd_cli.config.schema import LabArch, ModelConfig, RolloutConfig, TeacherConfig
 from aopd_cli.errors import UserError
