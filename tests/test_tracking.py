@@ -127,6 +127,33 @@ def test_default_store_is_sqlite_in_the_working_directory(tmp_path, artifact, mo
     check("sqlite:///mlflow.db", run_id)
 
 
+def test_a_store_another_process_is_creating_is_waited_for(tmp_path, monkeypatch):
+    """`mlflow ui` migrating a new mlflow.db without aopd's lock: aopd retries instead of stopping the run."""
+    import mlflow.tracking
+
+    import aopd_cli.tracking.store as store
+
+    real, calls = mlflow.tracking.MlflowClient, []
+
+    def half_made(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("(sqlite3.OperationalError) table _alembic_tmp_experiments already exists")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", half_made)
+    monkeypatch.setattr(store.time, "sleep", lambda seconds: None)
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(calls) == 2 and client.search_experiments()[0].name == "Default"
+    # any other failure is still one line at once
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(mlflow.tracking, "MlflowClient", broken)
+    with pytest.raises(UserError, match="unreachable"):
+        connect(f"sqlite:///{tmp_path}/other.db")
+
+
 def test_unreachable_server_fails_fast_with_a_clear_message():
     started = time.time()
     with pytest.raises(UserError, match="unreachable"):

@@ -141,7 +141,9 @@ def write_report(*, tracking_uri: str | None, experiment: str = "aopd", parent: 
     parts += ["## Claims", "", RULE + " Differences are in points of Pass@1 on the held-out test problems (Pass@4 for the "
               "math kept through continual learning; tool success per instruction; entropy in nats), with their "
               "95% interval and each seed's value.", "", "| claim | the paper says | verdict |", "|---|---|---|"]
-    parts += [f"| {c.key} | {c.statement} | **{c.verdict}** |" for c in found] + [""]
+    parts += [f"| {c.key} | {c.statement} | **{c.verdict}** |" for c in found]
+    parts += [f"| C6 ({name}) | not judged: no finished sweep; run `aopd sweep pipeline experiment={name} --seeds 3` | "
+              "**not run** |" for name in ABLATIONS if name not in ablations] + [""]
     for claim in found:
         parts += [f"**{claim.key}** ({claim.statement}): **{claim.verdict}**", ""]
         parts += [f"- {part.line()}" for part in claim.parts] + [""]

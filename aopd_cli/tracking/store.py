@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from aopd_cli.errors import UserError
 from aopd_cli.tracking.tracker import BACKLOG_FILE, MAX_TAG, MlflowTracker, NullTracker, Tracker, send_backlog
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+CREATION_RETRIES = 30  # seconds a first run waits for another process creating the same SQLite store
 EXPERIMENT_DESCRIPTION = ("Runs of aopd (Asymmetric On-Policy Distillation and its baselines). Each stage is a run; "
                           "pipelines and sweeps are parent runs. Compare with `aopd compare`.")
 
@@ -58,6 +60,13 @@ def _sqlite_creation_lock(uri: str):
         os.close(handle)
 
 
+def _another_process_is_creating(uri: str, err: Exception) -> bool:
+    """`mlflow ui` started on a new `mlflow.db` migrates its tables without aopd's lock: while it does, ours sees
+    its half-made tables ("_alembic_tmp_... already exists") or a locked database. Both pass in seconds."""
+    text = str(err)
+    return uri.startswith("sqlite:") and ("already exists" in text or "database is locked" in text)
+
+
 def connect(uri: str | None):
     """An MlflowClient on the store, checked to answer (clear error before any work if not)."""
     _quiet()
@@ -69,13 +78,18 @@ def connect(uri: str | None):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    try:
-        with _sqlite_creation_lock(uri):
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
-        raise UserError(f"tracking store {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); "
-                        "start it, set tracking.uri, or set tracking.enabled=false") from None
+    for attempt in range(CREATION_RETRIES + 1):
+        try:
+            with _sqlite_creation_lock(uri):
+                client = MlflowClient(tracking_uri=uri)
+                client.search_experiments(max_results=1)
+            break
+        except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+            if attempt < CREATION_RETRIES and _another_process_is_creating(uri, err):
+                time.sleep(1.0)
+                continue
+            raise UserError(f"tracking store {uri!r} is unreachable ({type(err).__name__}: {str(err)[:200]}); "
+                            "start it, set tracking.uri, or set tracking.enabled=false") from None
     mlflow.set_tracking_uri(uri)
     return client
 
