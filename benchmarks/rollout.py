@@ -140,9 +140,9 @@ def run_one(kind: str, engine: str, name: str, args) -> dict:
 
 
 def distill_steps(args) -> None:
-    """`aopd distill` on the lab's shapes (random weights), the teacher in-process (HF) or served by
+    """`aopd distill` on the lab's shapes (random weights), the teacher in-process (HF or vLLM) or served by
     `aopd teacher serve` (started by the stage), one and four micro-batches a step: the median step time
-    (steps after the first two), and the served runs' scoring wall time and wait."""
+    (steps after the first two), and the scoring wall time and wait."""
     import statistics
 
     from aopd_cli.tracking.store import connect
@@ -153,7 +153,7 @@ def distill_steps(args) -> None:
           f"load {os.getloadavg()[0]:.1f} at the start\n")
     print("| teacher | micro-batches a step | step s (median) | teacher s | teacher wait s |\n|---|---|---|---|---|")
     for micro in (32, 8):
-        for engine in ("hf", "server"):
+        for engine in ("hf", "vllm", "server"):  # in-process vLLM: what the served engine costs before HTTP
             out = work / f"{engine}-{micro}"
             command = [sys.executable, "-m", "aopd_cli", "distill", f"student.path={student}", f"teacher.path={teacher}",
                        f"teacher.engine={engine}", f"objective.top_k={args.top_k}", f"train.steps={args.steps}",
