@@ -44,7 +44,7 @@ def test_show_prints_the_validated_config(tmp_path):
     (("warmup", "objective=aopd"), ["objective=aopd", "unknown key"]),
     (("show", "distill", "objective=aopdd"), ["objective=aopdd", "did you mean 'aopd'", "allowed: aopd, exopd"]),
     (("distill", "objective=opd", "objective.tau=0.2"), ["objective.tau", "unknown key"]),
-    (("eval", "eval.n=2", "eval.k=[1,4]"), ["k must be <= n"]),
+    (("eval", "eval.n=2", "eval.k=[1,4]"), ["eval: k=[1, 4]: every k of Pass@k must be at most n=2"]),
 ])
 def test_bad_config_exits_2_naming_the_key_and_writes_nothing(tmp_path, args, expected):
     result = run_aopd(*args, cwd=tmp_path)
@@ -69,7 +69,25 @@ DID_YOU_MEAN = [  # every name a user gets wrong, one rule: close matches, case-
     (("ls", "objectives"), "ls objectives: no such group or stage (did you mean 'objective'?)"),
     (("show", "distill", "objective=AOPD"), "objective=AOPD: no such option (did you mean 'aopd'?)"),
     (("sweep", "distil", "--param", "tau=0"), "got 'distil' (did you mean 'distill'?)"),
+    (("show", "distill", "resume=nevr"), "resume='nevr': Input should be 'auto' or 'never' (did you mean 'never'?)"),
 ]
+
+
+def test_a_schema_key_its_recipe_does_not_spell_out_is_still_a_key():
+    """`data.on_bad_row=skip` is what aopd's own refusals suggest; the lab's data recipe does not list it."""
+    from aopd_cli.config.compose import load_stage_config, schema_has
+
+    assert load_stage_config("distill", ["data.on_bad_row=skip"]).data.on_bad_row == "skip"
+    assert load_stage_config("warmup", ["data=deepmath", "data.limit=5"]).data.limit == 5
+    assert schema_has("distill", "objective.tau") and not schema_has("distill", "data.on_bad_rw")
+
+
+def test_sync_and_report_refuse_without_leaving_anything(tmp_path):
+    sync = run_aopd("sync", "nowhere", cwd=tmp_path)
+    assert sync.returncode == 1 and "nowhere: no such folder" in sync.stderr, sync.stderr
+    report = run_aopd("report", "--out", "docs/lab.md", cwd=tmp_path)
+    assert report.returncode == 1 and "no finished sweep of lab_full" in report.stderr, report.stderr
+    assert not (tmp_path / "docs").exists()
 
 
 @pytest.mark.parametrize("args, line", DID_YOU_MEAN, ids=[" ".join(a) for a, _ in DID_YOU_MEAN])

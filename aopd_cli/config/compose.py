@@ -9,6 +9,7 @@ the CLI prints it and exits 2 before anything is written.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,20 @@ def compose_dict(stage: str, overrides: list[str]) -> dict[str, Any]:
 
     if stage not in STAGE_MODELS:
         raise ConfigError(f"unknown stage {stage!r}{did_you_mean(stage, STAGE_MODELS)}; allowed: {', '.join(STAGE_MODELS)}")
+    overrides = list(overrides)
     try:
-        with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
-            cfg = compose(config_name=stage, overrides=list(overrides))
-        return OmegaConf.to_container(cfg, resolve=True)
+        while True:
+            try:
+                with initialize_config_dir(config_dir=str(recipes_dir()), version_base=None):
+                    cfg = compose(config_name=stage, overrides=overrides)
+                return OmegaConf.to_container(cfg, resolve=True)
+            except ConfigCompositionException as err:
+                # a key the schema has but this recipe's YAML does not spell out (`data.on_bad_row=skip` on a
+                # data recipe without it) is still a key: add it, as Hydra's `+key=value` would
+                bad = _override_named(err, overrides)
+                if bad is None or bad.startswith(("+", "~")) or not schema_has(stage, bad.partition("=")[0]):
+                    raise
+                overrides[overrides.index(bad)] = f"+{bad}"
     except yaml.YAMLError as err:  # a recipe file that is not YAML, or asks for a Python object
         raise ConfigError(yaml_problem(err, "a recipe file")) from None
     except MissingConfigException as err:
@@ -82,9 +93,31 @@ def _missing_option_error(err, overrides: list[str]) -> ConfigError:
     return ConfigError(str(err).strip())
 
 
+def _override_named(err, overrides: list[str]) -> str | None:
+    text = str(err)
+    return next((o for o in overrides if f"'{o.lstrip('+~').split('=')[0]}'" in text), None)
+
+
+def schema_has(stage: str, key: str) -> bool:
+    """Whether the stage's schema has this dotted key (a field of the model or of a model it holds)."""
+    import typing
+
+    models: list = [STAGE_MODELS[stage]] if stage in STAGE_MODELS else []
+    for part in key.split("."):
+        fields = [model.model_fields[part] for model in models if part in model.model_fields]
+        if not fields:
+            return False
+        if part == "objective" and models[0] in STAGE_MODELS.values():
+            models = list(OBJECTIVE_MODELS.values())
+            continue
+        models = [arg for field in fields for arg in (typing.get_args(field.annotation) or (field.annotation,))
+                  if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return True
+
+
 def _composition_error(stage: str, err, overrides: list[str]) -> ConfigError:
     text = str(err)
-    bad = next((o for o in overrides if f"'{o.split('=')[0]}'" in text), None)
+    bad = _override_named(err, overrides)
     if bad is None:
         return ConfigError(text.strip())
     key, _, value = bad.partition("=")
@@ -151,6 +184,12 @@ def _validation_message(err: ValidationError, raw: dict) -> str:
         elif issue["type"] == "union_tag_invalid":
             lines.append(f"{key}: objective name must be one of {', '.join(OBJECTIVE_MODELS)}, got {issue['input']!r}"
                          + did_you_mean(str(issue["input"]), OBJECTIVE_MODELS))
+        elif issue["type"] == "literal_error":
+            allowed = re.findall(r"'([^']*)'", issue.get("ctx", {}).get("expected", ""))
+            lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg']}"
+                         + did_you_mean(str(issue["input"]), allowed))
+        elif isinstance(issue.get("input"), dict):  # a check across a section's keys: its message names them
+            lines.append(f"{key}: {issue['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{key}={_show(issue.get('input'))}: {issue['msg'].removeprefix('Value error, ')}")
     if len(lines) == 1:

@@ -210,7 +210,7 @@ class EvalConfig(Strict):
     @model_validator(mode="after")
     def _k_le_n(self):
         if any(k > self.n for k in self.k):
-            raise ValueError(f"every k must be <= n={self.n}, got k={self.k}")
+            raise ValueError(f"k={self.k}: every k of Pass@k must be at most n={self.n}, the samples per problem")
         return self
 
 

@@ -100,12 +100,12 @@ def write_report(*, tracking_uri: str | None, experiment: str = "aopd", parent: 
 
     out = Path(out)
     fig_dir = Path(figures) if figures else out.with_suffix("")
-    fig_dir.mkdir(parents=True, exist_ok=True)
     client, all_runs = connect(tracking_uri), find_runs(tracking_uri, experiment)
     sweep = load_sweep(all_runs, parent, "lab_full")
     if sweep is None:
         raise UserError(f"no finished sweep of lab_full in experiment {experiment!r}: run "
                         "`aopd sweep pipeline experiment=lab_full --seeds 3` first, or pass --parent")
+    fig_dir.mkdir(parents=True, exist_ok=True)
     ablations = {}
     for name in ABLATIONS:
         found = load_sweep(all_runs, (ablation_parents or {}).get(name), name)

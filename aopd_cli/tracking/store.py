@@ -196,6 +196,8 @@ def run_tracker(tracking_uri: str | None, run_id: str) -> Tracker:
 
 def sync(out_dir: Path, tracking_uri: str | None) -> int:
     """`aopd sync`: send a folder's queued records; how many were sent."""
+    if not Path(out_dir).is_dir():
+        raise UserError(f"{out_dir}: no such folder (give a stage's output folder, e.g. outputs/lab/opd)")
     backlog = Path(out_dir) / BACKLOG_FILE
     if not backlog.is_file():
         return 0
