@@ -247,22 +247,23 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
 
 def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
     """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
-    update reaches it. `time/teacher_s` is then the scoring's wall time (first request to last answer),
+    update reaches it (the helper threads only wait on the network; the tensors are made here, see
+    `served_scorer`). `time/teacher_s` is then the scoring's wall time (first request to last answer),
     `time/teacher_wait_s` how long the trainer waited for it."""
     started, finished = time.perf_counter(), []
 
-    def scored(micro):
-        scores = score(micro)
+    def fetched(micro):
+        answers = score.fetch(micro)
         finished.append(time.perf_counter())  # before the future is done: read only after waiting on it
-        return scores
+        return answers
 
     metrics[names.seconds("teacher_wait")] = 0.0
     for micro in micro_batches:
-        future = pool.submit(scored, micro)
+        future = pool.submit(fetched, micro)
 
         def ready(micro=micro, future=future):
             waiting = time.perf_counter()
-            micro.teacher, micro.ready = future.result(), None
+            micro.teacher, micro.ready = score.finish(micro, future.result()), None
             metrics[names.seconds("teacher_wait")] += time.perf_counter() - waiting
             metrics[names.seconds("teacher")] = max(finished) - started
 

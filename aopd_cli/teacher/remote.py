@@ -50,14 +50,29 @@ def check_service(url: str, info: dict, student_tokenizer, vocabulary: int, top_
                         "vocabulary.")
 
 
-def _in_requests(post, rows, teacher_cfg):
-    """Each scored row's scores, the rows posted in requests of `request_sequences`, several in flight."""
-    scored = [row for row in rows if row[2]]
-    size = teacher_cfg.request_sequences
-    chunks = [scored[start:start + size] for start in range(0, len(scored), size)]
-    with ThreadPoolExecutor(max(1, min(teacher_cfg.max_in_flight, len(chunks)))) as pool:
-        results = iter([result for chunk in pool.map(post, chunks) for result in chunk])
-    return [next(results) if count else None for _, _, count in rows]
+def served_scorer(post, unpack, k: int, vocabulary: int, teacher_cfg):
+    """A micro-batch's scored rows posted in requests of `request_sequences`, `max_in_flight` at once;
+    `post(rows)` is one request's answer, `unpack(answer)` its rows' scores. The two halves may run apart:
+    `score.fetch(micro)` is network only and may run on a helper thread, `score.finish(micro, fetched)`
+    makes the tensors on the trainer's thread. Torch work on a helper thread starts a second OpenMP team
+    beside the trainer's, and the two fight over the cores: on 2 cores the lab's rollout took 2x as long."""
+    def fetch(micro):
+        rows = sequences_of(micro)
+        scored, size = [row for row in rows if row[2]], teacher_cfg.request_sequences
+        chunks = [scored[start:start + size] for start in range(0, len(scored), size)]
+        with ThreadPoolExecutor(max(1, min(teacher_cfg.max_in_flight, len(chunks)))) as pool:
+            return rows, list(pool.map(post, chunks))
+
+    def finish(micro, fetched):
+        rows, answers = fetched
+        results = iter([scores for answer in answers for scores in unpack(answer)])
+        return assemble([next(results) if count else None for _, _, count in rows], micro, k, vocabulary)
+
+    def score(micro):
+        return finish(micro, fetch(micro))
+
+    score.fetch, score.finish = fetch, finish
+    return score
 
 
 def service_scorer(url: str, k: int, vocabulary: int, teacher_cfg):
@@ -68,12 +83,9 @@ def service_scorer(url: str, k: int, vocabulary: int, teacher_cfg):
         except ServerError as err:
             raise UserError(f"teacher service {url}: scoring failed (after {teacher_cfg.retries} retries): {err}; "
                             "the last step checkpoint is kept: rerun the same command to resume") from None
-        return unpack_scores(answer)
+        return answer
 
-    def score(micro):
-        return assemble(_in_requests(post, sequences_of(micro), teacher_cfg), micro, k, vocabulary)
-
-    return score
+    return served_scorer(post, unpack_scores, k, vocabulary, teacher_cfg)
 
 
 def openai_scorer(url: str, model: str, k: int, vocabulary: int, teacher_cfg):
@@ -87,13 +99,10 @@ def openai_scorer(url: str, model: str, k: int, vocabulary: int, teacher_cfg):
             raise UserError(f"teacher server {url}: scoring failed (after {teacher_cfg.retries} retries): {err}"
                             ) from None
         choices = sorted(answer["choices"], key=lambda choice: choice["index"])  # answers may come in any order
-        return [_from_json(choice["prompt_logprobs"], ids, start, count, k)
-                for choice, (ids, start, count) in zip(choices, chunk)]
+        return [(choice["prompt_logprobs"], ids, start, count) for choice, (ids, start, count) in zip(choices, chunk)]
 
-    def score(micro):
-        return assemble(_in_requests(post, sequences_of(micro), teacher_cfg), micro, k, vocabulary)
-
-    return score
+    return served_scorer(post, lambda answer: [_from_json(*row, k) for row in answer], k, vocabulary,
+                         teacher_cfg)
 
 
 def _from_json(entries, ids: list[int], start: int, count: int, k: int):

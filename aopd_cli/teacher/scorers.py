@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from aopd_cli.errors import UserError
-from aopd_cli.teacher.topk import assemble, scores_from_flat, sequences_of
+from aopd_cli.teacher.topk import assemble, engine_scores, sequences_of
 from aopd_cli.training.distributed import is_sharded
 from aopd_cli.training.models import stop_token_ids
 from aopd_cli.training.objectives import TeacherTopK
@@ -156,21 +156,13 @@ def score_rows(score: Scorer, micro_batches: list[MicroBatch], whole: MicroBatch
 
 
 def vllm_scorer(llm, k: int, vocabulary: int) -> Scorer:
-    from vllm import SamplingParams
-
     from aopd_cli.rollout.vllm_engine import kept_rng
-
-    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, flat_logprobs=True)
 
     def score(micro: MicroBatch) -> TeacherTopK:
         rows = sequences_of(micro)
         scored = [row for row in rows if row[2]]
-        outputs = []
-        if scored:
-            with kept_rng():
-                outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in scored], params, use_tqdm=False)
-        results = iter([scores_from_flat(output.prompt_logprobs, start, count, k)
-                        for output, (_, start, count) in zip(outputs, scored)])
+        with kept_rng():
+            results = iter(engine_scores(llm, scored, k) if scored else [])
         return assemble([next(results) if count else None for _, _, count in rows], micro, k, vocabulary)
 
     return score

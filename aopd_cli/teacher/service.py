@@ -22,7 +22,7 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from aopd_cli.teacher.topk import scores_from_flat
+from aopd_cli.teacher.topk import engine_scores
 from aopd_cli.teacher.wire import pack_scores, tokenizer_fingerprint, unpack_request
 
 BATCH_TOKENS = 4096  # waiting requests join an engine call until it holds this many tokens
@@ -30,16 +30,7 @@ BATCH_TOKENS = 4096  # waiting requests join an engine call until it holds this 
 
 def engine_scorer(llm, k: int):
     """(sequences) -> per sequence (sampled log-prob [count], top-K ids [count, K], top-K log-probs)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, flat_logprobs=True)
-
-    def score(sequences: list[tuple[list[int], int, int]]):
-        outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in sequences], params, use_tqdm=False)
-        return [scores_from_flat(output.prompt_logprobs, start, count, k)
-                for output, (_, start, count) in zip(outputs, sequences)]
-
-    return score
+    return lambda sequences: engine_scores(llm, sequences, k)
 
 
 def batching_worker(score, jobs: queue.Queue, stop: threading.Event) -> None:
@@ -61,7 +52,10 @@ def batching_worker(score, jobs: queue.Queue, stop: threading.Event) -> None:
                 answers[index].append(result)
             for job, mine in zip(batch, answers):
                 mine = iter(mine)
-                job["answer"] = [next(mine) if seq[2] > 0 else _empty(job["k"]) for seq in job["sequences"]]
+                # packed here, on the engine's thread: torch work on the handlers' threads would start
+                # more OpenMP teams beside the engine's (see teacher/remote.py's `served_scorer`)
+                scores = [next(mine) if seq[2] > 0 else _empty(job["k"]) for seq in job["sequences"]]
+                job["answer"] = pack_scores(scores, job["k"], job["dtype"])
         except Exception as err:  # noqa: BLE001 - the engine failed: every waiting request says so
             for job in batch:
                 job["error"] = f"{type(err).__name__}: {err}"
@@ -115,12 +109,12 @@ def handler_for(info: dict, jobs: queue.Queue):
             if k > info["max_logprobs"]:
                 return self._error(400, f"Requested prompt logprobs of {k}, which is greater than max allowed: "
                                         f"{info['max_logprobs']} (restart with --max-logprobs {k})")
-            job = {"k": k, "sequences": sequences, "done": threading.Event()}
+            job = {"k": k, "dtype": dtype, "sequences": sequences, "done": threading.Event()}
             jobs.put(job)
             job["done"].wait()
             if "error" in job:
                 return self._error(500, job["error"])
-            self._send(200, pack_scores(job["answer"], k, dtype))
+            self._send(200, job["answer"])
 
     return Handler
 

@@ -1,5 +1,5 @@
 """Between a micro-batch and its teacher scores: the sequences to score (prompt + counted response, where
-the response starts, how many positions), the scores of vLLM's flat prompt log-probs, and the
+the response starts, how many positions), their scores from a vLLM engine, and the
 `TeacherTopK` tensors assembled from each row's scores. Every scorer but HF's goes through these.
 
     python -m pytest tests/test_vllm.py -q -k teacher
@@ -24,11 +24,22 @@ def sequences_of(micro: MicroBatch) -> list[tuple[list[int], int, int]]:
     return rows
 
 
-def scores_from_flat(entries, start: int, count: int, k: int):
-    """vLLM's flat prompt log-probs: position t >= 1 holds [the actual token, top-1 .. top-K]."""
-    logprobs = torch.tensor(entries.logprobs, dtype=torch.float32).view(-1, k + 1)[start - 1:start - 1 + count]
-    ids = torch.tensor(entries.token_ids, dtype=torch.long).view(-1, k + 1)[start - 1:start - 1 + count]
-    return logprobs[:, 0], ids[:, 1:], logprobs[:, 1:]
+def engine_scores(llm, sequences: list[tuple[list[int], int, int]], k: int) -> list:
+    """Per sequence (ids, first scored position, count) its scores from a vLLM engine started with
+    `max_logprobs` >= K: the actual token's log-prob [count], the top-K ids [count, K] and log-probs."""
+    from vllm import SamplingParams
+
+    from aopd_cli.rollout.vllm_engine import tensor_prompt_logprobs
+
+    params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k)
+    with tensor_prompt_logprobs():
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in sequences], params, use_tqdm=False)
+    scores = []
+    for output, (_, start, count) in zip(outputs, sequences):
+        ids_PK, logprobs_PK = (torch.cat(part) for part in zip(*output.prompt_logprobs))
+        rows = slice(start - 1, start - 1 + count)  # row t scores position t + 1: [actual, top-1 .. top-K]
+        scores.append((logprobs_PK[rows, 0].float(), ids_PK[rows, 1:].long(), logprobs_PK[rows, 1:].float()))
+    return scores
 
 
 def assemble(results, micro: MicroBatch, k: int, vocabulary: int) -> TeacherTopK:
