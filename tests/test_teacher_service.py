@@ -88,6 +88,34 @@ def service(vllm_installed, teacher_checkpoint, lab_cache, tmp_path_factory):
     assert not marked_processes(marker), "the service left processes behind"
 
 
+def test_an_answer_cut_off_midway_is_retried_then_reported():
+    """A service killed while it writes its answer: the read fails (IncompleteRead), is retried, and ends
+    as the one-line ServerError the scorer turns into its message, not a traceback."""
+    import socket
+    import threading
+
+    from aopd_cli.teacher.http import ServerError, request
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    answered = []
+
+    def cut_off():
+        for _ in range(2):  # the first try and its retry
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            connection.close()
+            answered.append(1)
+
+    threading.Thread(target=cut_off, daemon=True).start()
+    with pytest.raises(ServerError, match="IncompleteRead|incomplete|bytes read"):
+        request(f"http://127.0.0.1:{listener.getsockname()[1]}/aopd/score", b"x", timeout=10, retries=1)
+    assert len(answered) == 2
+    listener.close()
+
+
 @pytest.mark.slow
 def test_the_service_returns_what_in_process_scoring_does(service, teacher_checkpoint, lab_cache):
     from test_vllm import _micro_batch

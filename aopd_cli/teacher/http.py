@@ -14,6 +14,7 @@ requests with timeouts and retries, and a server process aopd starts for a stage
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -48,7 +49,8 @@ def request(url: str, payload: dict | bytes | None = None, *, timeout: float, re
             message = _message(err.read().decode(errors="replace")) or err.reason
             if err.code < 500 or attempt == retries:
                 raise ServerError(err.code, f"HTTP {err.code}: {message}") from None
-        except (urllib.error.URLError, OSError) as err:  # refused, reset, timed out
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # refused, reset, timed out,
+            # or cut off mid-answer (a server killed while it wrote: IncompleteRead, BadStatusLine)
             if attempt == retries:
                 raise ServerError(None, str(getattr(err, "reason", err))) from None
         time.sleep(min(30.0, 2.0**attempt))
