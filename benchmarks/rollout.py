@@ -7,7 +7,7 @@ a config with the lab tokenizer and random weights. Each measurement runs in its
 in-process engine changes its process: threads, RNG, a process group); markdown tables are printed.
 
     OMP_NUM_THREADS=1 python benchmarks/rollout.py --prompts 64 --n 4 --new-tokens 64
-    python benchmarks/rollout.py --distill
+    python benchmarks/rollout.py --distill --rounds 3
 """
 
 import argparse
@@ -151,27 +151,38 @@ def distill_steps(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="aopd-bench-distill-"))
     print(f"# lab distill steps: batch 32 prompts x 64 new tokens, K={args.top_k}, {args.steps} steps each, "
           f"load {os.getloadavg()[0]:.1f} at the start\n")
-    print("| teacher | micro-batches a step | step s (median) | teacher s | teacher wait s |\n|---|---|---|---|---|")
-    for micro in (32, 8):
-        for engine in ("hf", "vllm", "server"):  # in-process vLLM: what the served engine costs before HTTP
-            out = work / f"{engine}-{micro}"
-            command = [sys.executable, "-m", "aopd_cli", "distill", f"student.path={student}", f"teacher.path={teacher}",
-                       f"teacher.engine={engine}", f"objective.top_k={args.top_k}", f"train.steps={args.steps}",
-                       f"train.micro_batch_size={micro}", "train.eval_every=0", "eval.benchmarks=[]",
-                       "teacher.max_model_len=512", f"teacher.kv_cache_gib={KV_GIB}", f"output_dir={out}"]
-            done = subprocess.run(command, cwd=work, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"| {engine} | {32 // micro} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | |")
-                continue
-            client = connect(f"sqlite:///{work}/mlflow.db")
-            run_id = json.loads((out / "aopd_run.json").read_text())["run_id"]
+    print("| round | teacher | micro-batches a step | step s (median) | teacher s | teacher wait s |\n"
+          "|---|---|---|---|---|---|")
+    steps = {}  # (engine, micro-batches) -> each round's median step
+    for round_ in range(1, args.rounds + 1):  # rounds interleave the engines: the machine's drift hits them alike
+        for micro in (32, 8):
+            for engine in ("hf", "vllm", "server"):  # in-process vLLM: what the served engine costs before HTTP
+                out = work / f"{engine}-{micro}-{round_}"
+                command = [sys.executable, "-m", "aopd_cli", "distill", f"student.path={student}",
+                           f"teacher.path={teacher}", f"teacher.engine={engine}", f"objective.top_k={args.top_k}",
+                           f"train.steps={args.steps}", f"train.micro_batch_size={micro}", "train.eval_every=0",
+                           "eval.benchmarks=[]", "teacher.max_model_len=512", f"teacher.kv_cache_gib={KV_GIB}",
+                           f"output_dir={out}"]
+                done = subprocess.run(command, cwd=work, capture_output=True, text=True)
+                if done.returncode != 0:
+                    print(f"| {round_} | {engine} | {32 // micro} | failed: "
+                          f"{done.stderr.strip().splitlines()[-1][:120]} | | |")
+                    continue
+                client = connect(f"sqlite:///{work}/mlflow.db")
+                run_id = json.loads((out / "aopd_run.json").read_text())["run_id"]
 
-            def median(key):
-                values = [m.value for m in client.get_metric_history(run_id, key) if m.step > 2]
-                return f"{statistics.median(values):.3f}" if values else "-"
+                def median(key):
+                    values = [m.value for m in client.get_metric_history(run_id, key) if m.step > 2]
+                    return statistics.median(values) if values else None
 
-            print(f"| {engine} | {32 // micro} | {median('time/step_s')} | {median('time/teacher_s')} | "
-                  f"{median('time/teacher_wait_s')} |", flush=True)
+                steps.setdefault((engine, 32 // micro), []).append(median("time/step_s"))
+                cells = [median(key) for key in ("time/step_s", "time/teacher_s", "time/teacher_wait_s")]
+                print(f"| {round_} | {engine} | {32 // micro} | "
+                      + " | ".join("-" if cell is None else f"{cell:.3f}" for cell in cells) + " |", flush=True)
+    print("\n| teacher | micro-batches a step | step s, median of the rounds | step / hf |\n|---|---|---|---|")
+    for (engine, micro), values in steps.items():
+        hf = statistics.median(steps.get(("hf", micro), [float("nan")]))
+        print(f"| {engine} | {micro} | {statistics.median(values):.3f} | {statistics.median(values) / hf:.2f}x |")
 
 
 def main() -> None:
@@ -187,6 +198,7 @@ def main() -> None:
     parser.add_argument("--no-generate", action="store_true", help="skip the rollout table")
     parser.add_argument("--distill", action="store_true", help="the lab's distillation step, HF teacher vs served")
     parser.add_argument("--steps", type=int, default=12, help="--distill: steps of each run")
+    parser.add_argument("--rounds", type=int, default=1, help="--distill: each engine's run, this many times over")
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "aopd-bench-models")
     parser.add_argument("--one", nargs=3, metavar=("KIND", "ENGINE", "MODEL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
