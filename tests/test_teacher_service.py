@@ -161,6 +161,32 @@ def test_the_service_refuses_a_k_above_its_limit_and_another_tokenizer(service, 
     assert "\n" not in str(refused.value)
 
 
+def test_the_wait_is_a_part_of_the_scoring_time_however_slow_the_trainers_own_work():
+    """`time/teacher_wait_s` <= `time/teacher_s` by construction: making the tensors on the trainer's thread
+    (slow on a loaded machine; it once made the wait exceed the scoring time) is not waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from aopd_cli.stages.onpolicy import _score_ahead
+
+    def fetch(micro):
+        time.sleep(0.05)
+        return micro.name
+
+    def finish(micro, answers):
+        time.sleep(0.1)  # the trainer's own work, longer than the scoring itself
+        return answers
+
+    score = SimpleNamespace(fetch=fetch, finish=finish)
+    micros, metrics = [SimpleNamespace(name=f"m{i}") for i in range(3)], {}
+    with ThreadPoolExecutor(1) as pool:
+        _score_ahead(score, micros, pool, metrics)
+        for micro in micros:
+            micro.ready()
+    assert [micro.teacher for micro in micros] == ["m0", "m1", "m2"] and all(m.ready is None for m in micros)
+    assert 0.04 <= metrics["time/teacher_wait_s"] <= metrics["time/teacher_s"] < 0.3, metrics
+
+
 @pytest.mark.slow
 def test_a_distill_on_the_service_overlaps_scoring_and_survives_a_killed_service(vllm_installed, teacher_checkpoint,
                                                                                   tmp_path, lab_cache):

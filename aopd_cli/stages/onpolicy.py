@@ -249,13 +249,15 @@ def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
     """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
     update reaches it (the helper threads only wait on the network; the tensors are made here, see
     `served_scorer`). `time/teacher_s` is then the scoring's wall time (first request to last answer),
-    `time/teacher_wait_s` how long the trainer waited for it."""
+    `time/teacher_wait_s` how much of it the trainer spent blocked, up to each answer's arrival: the waits
+    are disjoint parts of that wall time, so never more than it. Making the tensors is the trainer's own
+    work and counts in neither (a thread handing an answer over late on a loaded machine is not scoring)."""
     started, finished = time.perf_counter(), []
 
     def fetched(micro):
         answers = score.fetch(micro)
         finished.append(time.perf_counter())  # before the future is done: read only after waiting on it
-        return answers
+        return answers, finished[-1]
 
     metrics[names.seconds("teacher_wait")] = 0.0
     for micro in micro_batches:
@@ -263,9 +265,10 @@ def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
 
         def ready(micro=micro, future=future):
             waiting = time.perf_counter()
-            micro.teacher, micro.ready = score.finish(micro, future.result()), None
-            metrics[names.seconds("teacher_wait")] += time.perf_counter() - waiting
+            answers, answered = future.result()
+            metrics[names.seconds("teacher_wait")] += max(0.0, answered - waiting)
             metrics[names.seconds("teacher")] = max(finished) - started
+            micro.teacher, micro.ready = score.finish(micro, answers), None
 
         micro.ready = ready
 
