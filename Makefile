@@ -14,6 +14,9 @@ VENV_STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# pytest workers (pytest-xdist): most tests wait on subprocesses, servers and imports, so two workers on
+# 2 cores took the suite from 27 to 18.5 minutes; `make test TEST_WORKERS=0` runs it in one process
+TEST_WORKERS ?= 2
 
 .PHONY: lab test test-quick venv
 
@@ -21,10 +24,10 @@ lab: $(VENV_STAMP)
 	$(BIN)/aopd pipeline
 
 test: $(VLLM_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-quick: $(VENV_STAMP)  # no vLLM test is in the quick subset: the plain venv does
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not slow and not gpu"
 
 venv: $(VENV_STAMP)
 
