@@ -127,8 +127,8 @@ def test_the_service_returns_what_in_process_scoring_does(service, teacher_check
 
     student = load_policy(ModelConfig(path=str(teacher_checkpoint)), role="student")
     micro = _micro_batch(student.tokenizer)
-    scorer = check_served(service, TeacherConfig(path=str(teacher_checkpoint), engine="server", url=service,
-                                                 request_sequences=2), student, K)
+    scorer = check_served(service, TeacherConfig(path=str(teacher_checkpoint), engine="server", url=service),
+                          student, K)
     served = scorer(micro)
     llm, close = start_engine("teacher.engine=vllm", model=str(teacher_checkpoint), dtype=torch.float32, seed=0,
                               max_model_len=512, tensor_parallel_size=1, gpu_memory_utilization=0.3, kv_cache_gib=0.25,

@@ -87,8 +87,8 @@ class TeacherConfig(ModelConfig):
     tensor_parallel_size: int = Field(1, ge=1)  # vllm / a server aopd starts
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)  # vllm / a server aopd starts, on GPUs
     kv_cache_gib: float = Field(1.0, gt=0.0)  # vllm / a server aopd starts, on CPU
-    request_sequences: int = Field(16, ge=1)  # server: sequences per request
-    max_in_flight: int = Field(4, ge=1)  # server: requests in flight at once
+    request_sequences: int = Field(16, ge=1)  # an OpenAI server: sequences per request (the service: a micro-batch)
+    max_in_flight: int = Field(4, ge=1)  # server: requests (the service: micro-batches) in flight at once
     timeout_s: float = Field(600.0, gt=0.0)  # server: one request (and each wait for its health)
     retries: int = Field(3, ge=0)  # server: retries of a failed request, with exponential backoff
     startup_timeout_s: float = Field(900.0, gt=0.0)  # a server aopd starts: until healthy
