@@ -8,8 +8,7 @@ tensor parallel on GPUs of its own, or the CPU) and answering in packed arrays (
 
 Requests that arrive together are scored a few at a time, in arrival order (a trainer sends a step's
 micro-batches at once and trains on the first while the next are scored): each engine call takes the
-waiting requests up to `BATCH_TOKENS` tokens. The engine runs on the main thread, the HTTP handlers on
-helper threads. Bound to 127.0.0.1 unless `--host` says
+waiting requests up to `BATCH_TOKENS` tokens. Bound to 127.0.0.1 unless `--host` says
 otherwise. Stops on SIGTERM / Ctrl-C, with the engine's processes.
 
     aopd teacher serve teacher.path=outputs/lab/teacher/checkpoint --port 8100
@@ -141,23 +140,26 @@ def serve(teacher, *, host: str, port: int, max_logprobs: int, tensor_parallel_s
             "vocab_size": config.vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer),
             "dtype": str(dtype).removeprefix("torch."), "tensor_parallel_size": tensor_parallel_size}
     jobs, stop = queue.Queue(), threading.Event()
+    # the engine on a thread of its own. On the main thread, which started it, an uncontended call took 75 ms
+    # instead of 100 (32 x 104 tokens, lab teacher), but beside a trainer on the same cores some took 140-440 ms
+    # and the lab step at four micro-batches went from 1.22x to 1.85x the HF step; here they stay 82-97 ms
+    worker = threading.Thread(target=batching_worker, args=(engine_scorer(llm, max_logprobs), jobs, stop),
+                              daemon=True)
+    worker.start()
     server = ThreadingHTTPServer((host, port), handler_for(info, jobs))
     server.daemon_threads = True
-    # HTTP on a helper thread, the engine on this one, which started it: vLLM's CPU engine set up its
-    # threads here, and its calls from another thread took 100 ms instead of 75 (32 x 104 tokens, lab teacher)
-    http = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 
     def stopping(signum, frame):
-        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
 
     previous = {sig: signal.signal(sig, stopping) for sig in (signal.SIGTERM, signal.SIGINT)}
-    http.start()
     announce(f"aopd: teacher {teacher.path} serving at http://{host}:{server.server_address[1]} "
              f"(K up to {max_logprobs}, tensor parallel {tensor_parallel_size}, {info['dtype']})")
     try:
-        batching_worker(engine_scorer(llm, max_logprobs), jobs, stop)
+        server.serve_forever(poll_interval=0.2)
     finally:
-        server.shutdown()
+        stop.set()
+        worker.join(timeout=5)
         server.server_close()
         close()
         for sig, old in previous.items():
