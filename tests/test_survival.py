@@ -66,14 +66,17 @@ def test_an_edited_benchmark_is_evaluated_again(work, tiny_checkpoint, lab_cache
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_diagnostics_survive_the_resume(work, tiny_checkpoint, lab_cache):
-    args = ["train.steps=6", "train.save_every=2"]
+    # 40 steps: the kill lands mid-run however fast the steps go (at 10 steps/s a run of 6 once ended within
+    # one poll of the step 4 checkpoint); the two newest step checkpoints are kept, the newer one is damaged
+    args = ["train.steps=40", "train.save_every=2"]
     whole_and_killed(work, tiny_checkpoint, lab_cache, 4, *args)
-    state = work / "killed/step_4/rank0.pt"  # damaged in place: same size, other bytes
+    older, newest = sorted(int(p.name.removeprefix("step_")) for p in (work / "killed").glob("step_*"))
+    state = work / f"killed/step_{newest}/rank0.pt"  # damaged in place: same size, other bytes
     state.write_bytes(bytes(len(state.read_bytes())))
     rerun = run_aopd(*distill_args(tiny_checkpoint, "killed", *args), cwd=work, cache=lab_cache)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "step_4 is damaged (rank0.pt is not what was written (checksum))" in rerun.stdout
-    assert "resuming distill aopd from step 2 of 6" in rerun.stdout
+    assert f"step_{newest} is damaged (rank0.pt is not what was written (checksum))" in rerun.stdout
+    assert f"resuming distill aopd from step {older} of 40" in rerun.stdout
     a, b = load_file(str(work / "whole/checkpoint/model.safetensors")), \
         load_file(str(work / "killed/checkpoint/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
