@@ -52,9 +52,8 @@ def check_service(url: str, info: dict, student_tokenizer, vocabulary: int, top_
 
 
 def served_scorer(post, unpack, k: int, vocabulary: int, teacher_cfg, request_sequences: int | None):
-    """A micro-batch's scored rows posted in requests of `request_sequences` (None: one request), `max_in_flight`
-    at once;
-    `post(rows)` is one request's answer, `unpack(answer)` its rows' scores. The two halves may run apart:
+    """A micro-batch's scored rows posted in requests of `request_sequences` (None: one request),
+    `max_in_flight` at once; `post(rows)` is one request's answer, `unpack(answer)` its rows' scores. The two halves may run apart:
     `score.fetch(micro)` is network only and may run on a helper thread, `score.finish(micro, fetched)`
     makes the tensors on the trainer's thread. Torch work on a helper thread starts a second OpenMP team
     beside the trainer's, and the two fight over the cores: on 2 cores the lab's rollout took 2x as long."""
@@ -89,7 +88,7 @@ def service_scorer(url: str, k: int, vocabulary: int, teacher_cfg):
         return answer
 
     # one request a micro-batch: the trainer needs all of it at once, and the service scores what waits in one
-    # engine call; split in two, it often took two (the second request a millisecond late), 10% more a step
+    # engine call; split in two, it often took two (the second request a millisecond late): ~10% more scoring
     return served_scorer(post, unpack_scores, k, vocabulary, teacher_cfg, request_sequences=None)
 
 
