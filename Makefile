@@ -15,7 +15,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # pytest workers (pytest-xdist): most tests wait on subprocesses, servers and imports, so two workers on
-# 2 cores took the suite from 27 to 18.5 minutes; `make test TEST_WORKERS=0` runs it in one process
+# 2 cores took the suite from 27 to 11.5-17 minutes; `make test TEST_WORKERS=0` runs it in one process
 TEST_WORKERS ?= 2
 
 .PHONY: lab test test-quick venv

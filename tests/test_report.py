@@ -29,7 +29,7 @@ def scores(rate: float, seed: int) -> dict[str, dict[str, float]]:
 @pytest.mark.parametrize("gap, state", [(0.08, "holds"), (0.0, "unclear"), (-0.08, "reversed")])
 def test_a_real_gap_holds_a_tie_is_unclear_a_reversal_is_reversed(gap, state):
     # A tie is two runs at one rate; its interval covers 0 in ~95% of pairs, so the draws are fixed (seeds 1, 2)
-    # rather than left to Python's per-process string hash, which made this case fail in one CI run of twenty.
+    # rather than left to Python's per-process string hash, which made this case fail in a CI run.
     base, moved = scores(0.3, 1), scores(0.3 + gap, 2)
     diff = mean_difference(moved, base)
     assert part_state(diff, +1) == state
