@@ -149,6 +149,33 @@ def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
         assert torch.allclose(small, large, rtol=1e-4, atol=1e-7)
 
 
+def test_the_forward_runs_before_a_served_teachers_scores_are_awaited(lab_cache):
+    """The update overlaps a served teacher: each micro-batch's forward runs first, then its scores are
+    awaited (`ready`), and the loss sees them; an empty micro-batch padding the count gets them too."""
+    from aopd_cli.training.objectives import TeacherTopK
+
+    policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True)
+    optimizer = torch.optim.SGD(policy.model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    forwards, events = [], []
+    policy.model.register_forward_hook(lambda *_: forwards.append(1))
+    ids = torch.randint(3, 90, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    micros = []
+    for row in (0, 2):
+        scores = TeacherTopK(torch.zeros(2, 8), torch.zeros(2, 8, 3, dtype=torch.long), torch.zeros(2, 8, 3))
+        micro = MicroBatch(ids[row:row + 2], torch.ones(2, 9, dtype=torch.long), 1, mask)
+        micro.ready = lambda row=row, scores=scores: events.append(("awaited", row, len(forwards))) or scores
+        micros.append((micro, scores))
+
+    def loss_fn(head, micro, norm):
+        events.append(("loss", micro.teacher))
+        return seqkd_loss(head, micro.targets_BT, micro.mask_BT, normalizer=norm)
+
+    update(policy, optimizer, scheduler, [micro for micro, _ in micros], loss_fn, 16, grad_clip=100.0)
+    assert events == [("awaited", 0, 1), ("loss", micros[0][1]), ("awaited", 2, 2), ("loss", micros[1][1])]
+
+
 def test_activation_checkpointing_gives_the_same_gradients(lab_cache):
     grads = []
     for checkpointing in (False, True):

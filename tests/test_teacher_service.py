@@ -178,12 +178,12 @@ def test_the_wait_is_a_part_of_the_scoring_time_however_slow_the_trainers_own_wo
         return answers
 
     score = SimpleNamespace(fetch=fetch, finish=finish)
-    micros, metrics = [SimpleNamespace(name=f"m{i}") for i in range(3)], {}
+    micros, metrics = [SimpleNamespace(name=f"m{i}", teacher=None) for i in range(3)], {}
     with ThreadPoolExecutor(1) as pool:
         _score_ahead(score, micros, pool, metrics)
-        for micro in micros:
-            micro.ready()
-    assert [micro.teacher for micro in micros] == ["m0", "m1", "m2"] and all(m.ready is None for m in micros)
+        assert [micro.ready() for micro in micros] == ["m0", "m1", "m2"]
+    waited = metrics["time/teacher_wait_s"]
+    assert micros[0].ready() == "m0" and metrics["time/teacher_wait_s"] == waited  # awaited once, made once
     assert 0.04 <= metrics["time/teacher_wait_s"] <= metrics["time/teacher_s"] < 0.3, metrics
 
 

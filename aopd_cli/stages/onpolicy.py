@@ -247,7 +247,7 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
 
 def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
     """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
-    update reaches it (the helper threads only wait on the network; the tensors are made here, see
+    update has run its forward (the helper threads only wait on the network; the tensors are made here, see
     `served_scorer`). `time/teacher_s` is then the scoring's wall time (first request to last answer),
     `time/teacher_wait_s` how much of it the trainer spent blocked, up to each answer's arrival: the waits
     are disjoint parts of that wall time, so never more than it. Making the tensors is the trainer's own
@@ -264,11 +264,13 @@ def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
         future = pool.submit(fetched, micro)
 
         def ready(micro=micro, future=future):
-            waiting = time.perf_counter()
-            answers, answered = future.result()
-            metrics[names.seconds("teacher_wait")] += max(0.0, answered - waiting)
-            metrics[names.seconds("teacher")] = max(finished) - started
-            micro.teacher, micro.ready = score.finish(micro, answers), None
+            if micro.teacher is None:
+                waiting = time.perf_counter()
+                answers, answered = future.result()
+                metrics[names.seconds("teacher_wait")] += max(0.0, answered - waiting)
+                metrics[names.seconds("teacher")] = max(finished) - started
+                micro.teacher = score.finish(micro, answers)
+            return micro.teacher
 
         micro.ready = ready
 

@@ -30,7 +30,7 @@ class MicroBatch:
     base_logprobs_BT: torch.Tensor | None = None
     correct_B: torch.Tensor | None = None
     rows_B: torch.Tensor | None = None  # which rows of the step's batch these are (micro-batches may reorder)
-    ready: Callable[[], None] | None = None  # work still on its way (a served teacher's scores): awaited first
+    ready: Callable[[], TeacherTopK] | None = None  # a served teacher's scores still on their way: awaits them
 
     @property
     def targets_BT(self) -> torch.Tensor:
@@ -124,10 +124,14 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
     # (divided by the global normaliser): scaling by the world size makes the average the sum
     scale = dist.world_size() if dist.is_sharded(model) else 1
     for micro in micro_batches:
-        if micro.ready is not None:  # the next micro-batches' scores arrive while this one trains
-            micro.ready()
-        micro = micro.to(policy.device)
-        output = loss_fn(student_head(model, micro), micro, normalizer)
+        on_device = micro.to(policy.device)
+        # the forward needs no teacher: a served teacher's scores for this micro-batch (and the next ones)
+        # are still on their way while it runs, and are awaited only for the loss
+        head = student_head(model, on_device)
+        if micro.ready is not None:  # (an empty micro-batch padding the count awaits the one it copies)
+            on_device.teacher = micro.ready().to(policy.device)
+        micro = on_device
+        output = loss_fn(head, micro, normalizer)
         (output.loss * scale).backward()
         total_loss += float(output.loss.detach())
         tokens = int(micro.mask_BT.sum())
