@@ -183,7 +183,9 @@ def _micro_batch(tokenizer):
 
 @pytest.fixture(scope="module")
 def teacher_scores(vllm_installed, models, server, student):
-    """The same micro-batch scored by HF, an in-process vLLM engine and the server."""
+    """The same micro-batch scored by HF, an in-process vLLM engine (aopd's batched prompt log-probs and
+    vLLM's own loop) and the server."""
+    from aopd_cli.rollout import prompt_logprobs
     from aopd_cli.rollout.vllm_engine import start_engine
     from aopd_cli.teacher.remote import openai_scorer
     from aopd_cli.teacher.scorers import hf_scorer, vllm_scorer
@@ -192,10 +194,16 @@ def teacher_scores(vllm_installed, models, server, student):
     micro = _micro_batch(student.tokenizer)
     teacher = load_policy(ModelConfig(path=str(models[1])), role="teacher")
     vocabulary = student.model.get_output_embeddings().weight.shape[0]
+    # steps of 32 tokens: prompts are scored in chunks, several requests a step (aopd's batched prompt
+    # log-probs keep vLLM's bookkeeping of both), and against vLLM's own loop on the same engine
     llm, close = start_engine("teacher.engine=vllm", model=str(models[1]), dtype=torch.float32, seed=0,
-                              tensor_parallel_size=1, gpu_memory_utilization=0.3, max_logprobs=K, **SMALL)
+                              tensor_parallel_size=1, gpu_memory_utilization=0.3, max_logprobs=K,
+                              max_num_batched_tokens=32, max_num_seqs=4, **SMALL)
     try:
         in_process = vllm_scorer(llm, K, vocabulary)(micro)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(prompt_logprobs, "_mirrors", lambda method: False)
+            vllm_loop = vllm_scorer(llm, K, vocabulary)(micro)
     finally:
         close()
     url, model, config = server
@@ -205,10 +213,10 @@ def teacher_scores(vllm_installed, models, server, student):
 
         hidden, weight = target_hidden(teacher.model, micro)
         full_logp = torch.log_softmax((hidden @ weight.T).float(), -1)
-    return micro, hf_scorer(teacher, K)(micro), {"vllm": in_process, "server": served}, full_logp
+    return micro, hf_scorer(teacher, K)(micro), {"vllm": in_process, "vllm_loop": vllm_loop, "server": served}, full_logp
 
 
-@pytest.mark.parametrize("engine_name", ["vllm", "server"])
+@pytest.mark.parametrize("engine_name", ["vllm", "vllm_loop", "server"])
 def test_teacher_engines_return_the_same_topk(teacher_scores, engine_name):
     micro, reference, scored, full_logp = teacher_scores
     ours, mask = scored[engine_name], micro.mask_BT
@@ -219,6 +227,13 @@ def test_teacher_engines_return_the_same_topk(teacher_scores, engine_name):
     # an id may differ only in an exact tie: the reference gives it the same log-prob at that rank
     hf_of_ours = full_logp.gather(-1, ours.topk_ids)
     assert ((hf_of_ours - reference.topk_logprobs).abs()[differ] < 1e-5).all()
+
+
+def test_batched_prompt_logprobs_are_vllms_own(teacher_scores):
+    _, _, scored, _ = teacher_scores
+    ours, theirs = scored["vllm"], scored["vllm_loop"]
+    assert torch.equal(ours.topk_ids, theirs.topk_ids)
+    assert torch.equal(ours.token_logprobs, theirs.token_logprobs) and torch.equal(ours.topk_logprobs, theirs.topk_logprobs)
 
 
 def test_a_server_that_cannot_serve_the_student_is_refused_in_one_line(server, student):

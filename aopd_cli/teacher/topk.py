@@ -29,7 +29,7 @@ def engine_scores(llm, sequences: list[tuple[list[int], int, int]], k: int) -> l
     `max_logprobs` >= K: the actual token's log-prob [count], the top-K ids [count, K] and log-probs."""
     from vllm import SamplingParams
 
-    from aopd_cli.rollout.vllm_engine import tensor_prompt_logprobs
+    from aopd_cli.rollout.prompt_logprobs import tensor_prompt_logprobs
 
     params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k)
     with tensor_prompt_logprobs():
