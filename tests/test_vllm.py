@@ -131,6 +131,17 @@ def test_the_engine_leaves_the_trainers_random_streams_alone(engine, student):
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
 
 
+def test_the_engine_leaves_torch_set_num_threads_working(engine):
+    """vLLM's CPU worker makes `torch.set_num_threads` a no-op for its process; a later stage's `threads`
+    must still hold."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_skipped_sync_shows_as_a_large_logprob_gap(engine, student):
     prompts = _prompts(student.tokenizer)
     optimizer = torch.optim.SGD(student.model.parameters(), lr=0.5)

