@@ -8,8 +8,9 @@ tensor parallel on GPUs of its own, or the CPU) and answering in packed arrays (
 
 Requests that arrive together are scored a few at a time, in arrival order (a trainer sends a step's
 micro-batches at once and trains on the first while the next are scored): each engine call takes the
-waiting requests up to `BATCH_TOKENS` tokens. Bound to 127.0.0.1 unless `--host` says
-otherwise. Stops on SIGTERM / Ctrl-C, with the engine's processes.
+waiting requests, and those that come within `GATHER_S` of the last, up to `BATCH_TOKENS` tokens. The
+engine runs on the main thread, the HTTP handlers on helper threads. Bound to 127.0.0.1 unless `--host`
+says otherwise. Stops on SIGTERM / Ctrl-C, with the engine's processes.
 
     aopd teacher serve teacher.path=outputs/lab/teacher/checkpoint --port 8100
 """
@@ -26,6 +27,7 @@ from aopd_cli.teacher.topk import engine_scores
 from aopd_cli.teacher.wire import pack_scores, tokenizer_fingerprint, unpack_request
 
 BATCH_TOKENS = 4096  # waiting requests join an engine call until it holds this many tokens
+GATHER_S = 0.003  # and those that come within this of the last one
 
 
 def engine_scorer(llm, k: int):
@@ -41,8 +43,11 @@ def batching_worker(score, jobs: queue.Queue, stop: threading.Event) -> None:
         except queue.Empty:
             continue
         tokens = _tokens(batch[0])
-        while not jobs.empty() and tokens < BATCH_TOKENS:  # a few at a time: the first answers come early
-            batch.append(jobs.get_nowait())
+        while tokens < BATCH_TOKENS:  # a few at a time: the first answers come early
+            try:  # a step's micro-batches arrive a millisecond or so apart: each waits for the next a little
+                batch.append(jobs.get(timeout=GATHER_S))
+            except queue.Empty:
+                break
             tokens += _tokens(batch[-1])
         work = [(index, seq) for index, job in enumerate(batch) for seq in job["sequences"] if seq[2] > 0]
         try:
@@ -140,26 +145,24 @@ def serve(teacher, *, host: str, port: int, max_logprobs: int, tensor_parallel_s
             "vocab_size": config.vocab_size, "tokenizer": tokenizer_fingerprint(tokenizer),
             "dtype": str(dtype).removeprefix("torch."), "tensor_parallel_size": tensor_parallel_size}
     jobs, stop = queue.Queue(), threading.Event()
-    # the engine on a thread of its own. On the main thread, which started it, an uncontended call took 75 ms
-    # instead of 100 (32 x 104 tokens, lab teacher), but beside a trainer on the same cores some took 140-440 ms
-    # and the lab step at four micro-batches went from 1.22x to 1.85x the HF step; here they stay 82-97 ms
-    worker = threading.Thread(target=batching_worker, args=(engine_scorer(llm, max_logprobs), jobs, stop),
-                              daemon=True)
-    worker.start()
     server = ThreadingHTTPServer((host, port), handler_for(info, jobs))
     server.daemon_threads = True
+    # HTTP on a helper thread, the engine on this one, which started it: on the CPU its calls from another
+    # thread took 10-25% longer (lab teacher). A trainer on the same cores waits for its scores rather than
+    # computing beside it (stages/onpolicy.py): beside one, some main-thread calls took 140-440 ms.
+    http = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
 
     def stopping(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        stop.set()
 
     previous = {sig: signal.signal(sig, stopping) for sig in (signal.SIGTERM, signal.SIGINT)}
+    http.start()
     announce(f"aopd: teacher {teacher.path} serving at http://{host}:{server.server_address[1]} "
              f"(K up to {max_logprobs}, tensor parallel {tensor_parallel_size}, {info['dtype']})")
     try:
-        server.serve_forever(poll_interval=0.2)
+        batching_worker(engine_scorer(llm, max_logprobs), jobs, stop)
     finally:
-        stop.set()
-        worker.join(timeout=5)
+        server.shutdown()
         server.server_close()
         close()
         for sig, old in previous.items():
