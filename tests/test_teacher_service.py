@@ -187,6 +187,19 @@ def test_the_wait_is_a_part_of_the_scoring_time_however_slow_the_trainers_own_wo
     assert 0.04 <= metrics["time/teacher_wait_s"] <= metrics["time/teacher_s"] < 0.3, metrics
 
 
+def test_scoring_overlaps_the_forward_unless_the_teacher_shares_the_trainers_cpu():
+    from types import SimpleNamespace
+
+    from aopd_cli.stages.onpolicy import _overlaps
+
+    def overlaps(device, url=None, overlap=None):
+        return _overlaps(SimpleNamespace(url=url, overlap=overlap), SimpleNamespace(device=torch.device(device)))
+
+    assert not overlaps("cpu") and not overlaps("cpu", "http://localhost:8100") and overlaps("meta")
+    assert overlaps("cpu", "http://teacher-node:8100") and overlaps("cpu", overlap=True)
+    assert not overlaps("meta", overlap=False)
+
+
 @pytest.mark.slow
 def test_a_distill_on_the_service_overlaps_scoring_and_survives_a_killed_service(vllm_installed, teacher_checkpoint,
                                                                                   tmp_path, lab_cache):

@@ -89,6 +89,9 @@ class TeacherConfig(ModelConfig):
     kv_cache_gib: float = Field(1.0, gt=0.0)  # vllm / a server aopd starts, on CPU
     request_sequences: int = Field(16, ge=1)  # an OpenAI server: sequences per request (the service: a micro-batch)
     max_in_flight: int = Field(4, ge=1)  # server: requests (the service: micro-batches) in flight at once
+    # server: each micro-batch's forward runs while its scores are on their way (None: unless the trainer is on
+    # the CPU and the teacher on this machine, where the two would share the same cores)
+    overlap: bool | None = None
     timeout_s: float = Field(600.0, gt=0.0)  # server: one request (and each wait for its health)
     retries: int = Field(3, ge=0)  # server: retries of a failed request, with exponential backoff
     startup_timeout_s: float = Field(900.0, gt=0.0)  # a server aopd starts: until healthy

@@ -156,6 +156,7 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
     spec = OBJECTIVES[objective.name]
     remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
     served = spec.teacher_scores and config.teacher.engine == "server"  # in another process: scores overlap
+    overlap = served and _overlaps(config.teacher, student)
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng = random.Random(config.seed)
     diagnostics = {"advantages": []}  # a sample of the advantages seen (saved with each step checkpoint)
@@ -199,6 +200,9 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
                     micro.correct_B = correct[micro.rows_B]
         # one dict, which the served scores' waits still write into during the update (the loop reads it after)
         metrics |= {**timings, names.train("response_len"): float(batch.response_mask_BR.sum(-1).float().mean())}
+        if served and not overlap:  # scored while the step graded, then awaited before the update starts
+            for micro in micro_batches:
+                micro.ready()
         return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction), metrics)
 
     base_loss = objective_loss(objective)
@@ -245,10 +249,23 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
 
 
+def _overlaps(teacher_cfg, student) -> bool:
+    """Whether the update's forward runs while a served teacher scores (`teacher.overlap`). By default not
+    when the trainer is on the CPU and the teacher on this machine: the two then share the same cores, and on
+    2 of them the lab's step took 1.33x the HF teacher's step overlapped, 1.06x waiting (the service
+    alone on the cores scored as fast as the HF teacher: benchmarks/results.md)."""
+    if teacher_cfg.overlap is not None:
+        return teacher_cfg.overlap
+    from urllib.parse import urlparse
+
+    host = urlparse(teacher_cfg.url).hostname if teacher_cfg.url else "127.0.0.1"  # or one aopd starts here
+    return student.device.type != "cpu" or host not in ("127.0.0.1", "localhost", "::1")
+
+
 def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
     """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
-    update has run its forward (the helper threads only wait on the network; the tensors are made here, see
-    `served_scorer`). `time/teacher_s` is then the scoring's wall time (first request to last answer),
+    update has run its forward, or all before the update without overlap (`_overlaps`). The helper threads
+    only wait on the network; the tensors are made here, see `served_scorer`. `time/teacher_s` is then the scoring's wall time (first request to last answer),
     `time/teacher_wait_s` how much of it the trainer spent blocked, up to each answer's arrival: the waits
     are disjoint parts of that wall time, so never more than it. Making the tensors is the trainer's own
     work and counts in neither (a thread handing an answer over late on a loaded machine is not scoring)."""
