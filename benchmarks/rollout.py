@@ -141,8 +141,8 @@ def run_one(kind: str, engine: str, name: str, args) -> dict:
 
 def distill_steps(args) -> None:
     """`aopd distill` on the lab's shapes (random weights), the teacher in-process (HF or vLLM) or served by
-    `aopd teacher serve` (started by the stage), one and four micro-batches a step: the median step time
-    (steps after the first two), and the scoring wall time and wait."""
+    `aopd teacher serve` (started by the stage; scored before the update, or beside it), one and four
+    micro-batches a step: the median step time (steps after the first two), and the scoring wall time and wait."""
     import statistics
 
     from aopd_cli.tracking.store import connect
@@ -156,10 +156,13 @@ def distill_steps(args) -> None:
     steps = {}  # (engine, micro-batches) -> each round's median step
     for round_ in range(1, args.rounds + 1):  # rounds interleave the engines: the machine's drift hits them alike
         for micro in (32, 8):
-            for engine in ("hf", "vllm", "server"):  # in-process vLLM: what the served engine costs before HTTP
-                out = work / f"{engine}-{micro}-{round_}"
+            # in-process vLLM: what the served engine costs before HTTP; "server, overlapped": the update's
+            # forward beside the scoring (teacher.overlap=true), which on a CPU trainer is not the default
+            for engine in ("hf", "vllm", "server", "server, overlapped"):
+                out = work / f"{engine.replace(', ', '-')}-{micro}-{round_}"
                 command = [sys.executable, "-m", "aopd_cli", "distill", f"student.path={student}",
-                           f"teacher.path={teacher}", f"teacher.engine={engine}", f"objective.top_k={args.top_k}",
+                           f"teacher.path={teacher}", f"teacher.engine={engine.split(',')[0]}",
+                           f"teacher.overlap={str(',' in engine).lower()}", f"objective.top_k={args.top_k}",
                            f"train.steps={args.steps}", f"train.micro_batch_size={micro}", "train.eval_every=0",
                            "eval.benchmarks=[]", "teacher.max_model_len=512", f"teacher.kv_cache_gib={KV_GIB}",
                            f"output_dir={out}"]
