@@ -111,7 +111,8 @@ def batched_prompt_logprobs(self, hidden_states: torch.Tensor, num_scheduled_tok
 
 
 def _score_group(self, hidden_states: torch.Tensor, group: list, k: int) -> None:
-    rows_N = torch.cat([torch.arange(offset, offset + count) for _, offset, _, count, _ in group]).to(hidden_states.device)
+    rows_N = torch.cat([torch.arange(offset, offset + count) for _, offset, _, count, _ in group])
+    rows_N = rows_N.to(hidden_states.device)
     logits_NV = self.model.compute_logits(hidden_states.index_select(0, rows_N))
     targets_N = torch.tensor([t for *_, ids in group for t in ids], dtype=torch.long, device=logits_NV.device)
     if self.model_config.logprobs_mode in ("raw_logits", "processed_logits"):  # prompts skip the processors

@@ -155,7 +155,7 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
     log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
     remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
-    served = spec.teacher_scores and config.teacher.engine == "server"  # in another process: scores overlap
+    served = spec.teacher_scores and config.teacher.engine == "server"  # in another process: requested ahead
     overlap = served and _overlaps(config.teacher, student)
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng = random.Random(config.seed)
@@ -252,8 +252,7 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
 def _overlaps(teacher_cfg, student) -> bool:
     """Whether the update's forward runs while a served teacher scores (`teacher.overlap`). By default not
     when the trainer is on the CPU and the teacher on this machine: the two then share the same cores, and on
-    2 of them the lab's step took 1.33x the HF teacher's step overlapped, 1.06x waiting (the service
-    alone on the cores scored as fast as the HF teacher: benchmarks/results.md)."""
+    2 of them the lab's step took 1.29x the HF teacher's step overlapped, 0.94x waiting (benchmarks/results.md)."""
     if teacher_cfg.overlap is not None:
         return teacher_cfg.overlap
     from urllib.parse import urlparse
@@ -265,10 +264,11 @@ def _overlaps(teacher_cfg, student) -> bool:
 def _score_ahead(score, micro_batches: list, pool, metrics: dict) -> None:
     """Every micro-batch's scoring sent off at once; each micro-batch waits for its own scores when the
     update has run its forward, or all before the update without overlap (`_overlaps`). The helper threads
-    only wait on the network; the tensors are made here, see `served_scorer`. `time/teacher_s` is then the scoring's wall time (first request to last answer),
-    `time/teacher_wait_s` how much of it the trainer spent blocked, up to each answer's arrival: the waits
-    are disjoint parts of that wall time, so never more than it. Making the tensors is the trainer's own
-    work and counts in neither (a thread handing an answer over late on a loaded machine is not scoring)."""
+    only wait on the network; the tensors are made here, see `served_scorer`. `time/teacher_s` is then the
+    scoring's wall time (first request to last answer), `time/teacher_wait_s` how much of it the trainer spent
+    blocked, up to each answer's arrival: the waits are disjoint parts of that wall time, so never more than it.
+    Making the tensors is the trainer's own work and counts in neither (a thread handing an answer over late
+    on a loaded machine is not scoring)."""
     started, finished = time.perf_counter(), []
 
     def fetched(micro):
