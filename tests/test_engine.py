@@ -151,7 +151,7 @@ def test_accumulation_gives_the_same_step_for_any_micro_batch_size(lab_cache):
 
 def test_the_forward_runs_before_a_served_teachers_scores_are_awaited(lab_cache):
     """The update overlaps a served teacher: each micro-batch's forward runs first, then its scores are
-    awaited (`ready`), and the loss sees them; an empty micro-batch padding the count gets them too."""
+    awaited (`ready`), and the loss sees them."""
     from aopd_cli.training.objectives import TeacherTopK
 
     policy = load_policy(TINY, role="student", device=torch.device("cpu"), seed=0, trainable=True)

@@ -203,7 +203,8 @@ def test_scoring_overlaps_the_forward_unless_the_teacher_shares_the_trainers_cpu
 @pytest.mark.slow
 def test_a_distill_on_the_service_overlaps_scoring_and_survives_a_killed_service(vllm_installed, teacher_checkpoint,
                                                                                   tmp_path, lab_cache):
-    """aopd starts the service itself; scoring of the next micro-batches goes on while one trains."""
+    """aopd starts the service itself and scores a step's micro-batches there (on this CPU awaited before the
+    update, `teacher.overlap`'s default); the wait is part of the scoring time."""
     marker = uuid.uuid4().hex
     os.environ["AOPD_TEST_MARKER"] = marker  # what the run starts inherits it, the service too
     try:
