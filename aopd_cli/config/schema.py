@@ -234,6 +234,7 @@ class WarmupConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
+    dist_timeout_s: float = Field(7200.0, gt=0.0)  # torchrun/GPU: a collective's wait (a rank downloading)
     output_dir: str = "outputs/warmup"
     resume: Resume = "auto"
     reuse_cached: bool = False  # reuse a checkpoint trained from the same config (content hash)
@@ -254,6 +255,7 @@ class DistillConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
+    dist_timeout_s: float = Field(7200.0, gt=0.0)  # torchrun/GPU: a collective's wait (a rank downloading)
     output_dir: str = "outputs/distill"
     resume: Resume = "auto"
 
@@ -266,6 +268,7 @@ class EvalStageConfig(Strict):
     tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
     threads: int | None = Field(None, ge=1)  # torch's CPU threads (None: torch's choice, the cores it sees)
+    dist_timeout_s: float = Field(7200.0, gt=0.0)  # torchrun/GPU: a collective's wait (a rank downloading)
     output_dir: str = "outputs/eval"
     resume: Resume = "auto"
 

@@ -31,7 +31,7 @@ from aopd_cli.training.interrupts import StopFlag, handled_signals
 
 RUN_FILE, DONE_FILE, LOCK_FILE = "aopd_run.json", "aopd_done.json", ".aopd.lock"
 # keys that change what a stage computes; the rest (logging, evaluation, where to write) may change on resume
-NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached", "threads"}
+NOT_IDENTITY = {"tracking", "resume", "output_dir", "eval", "reuse_cached", "threads", "dist_timeout_s"}
 TRAIN_NOT_IDENTITY = {"log_every", "eval_every", "save_every", "keep_last", "max_skipped"}
 
 

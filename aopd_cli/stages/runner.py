@@ -37,7 +37,7 @@ def run_stage(config, *, parent_run_id: str | None = None, run_name: str | None 
 
         torch.set_num_threads(config.threads)
         os.environ["OMP_NUM_THREADS"] = str(config.threads)  # what a vLLM engine started later reads
-    distributed.init()
+    distributed.init(config.dist_timeout_s)
     preflight(config)
     done = finished_result(config) if config.resume == "auto" else None
     if done is not None:

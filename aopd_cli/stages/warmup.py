@@ -42,7 +42,7 @@ def cache_key(config) -> str:
     from aopd_cli.stages.lifecycle import TRAIN_NOT_IDENTITY, input_fingerprints
 
     content = config.model_dump(mode="json", exclude={"tracking", "output_dir", "reuse_cached", "eval", "resume",
-                                                      "rollout", "threads"})
+                                                      "rollout", "threads", "dist_timeout_s"})
     content["train"] = {k: v for k, v in content["train"].items() if k not in TRAIN_NOT_IDENTITY}
     start = content["student"].get("path")
     if start and Path(start).is_symlink():  # a cached warm-up (linked from a pipeline's folder): its cache name
@@ -132,6 +132,8 @@ def run(config, session, prepared) -> Path:
                     torch.cuda.empty_cache()
                 engine.append(make_rollout(config.rollout.engine, policy, config.rollout, config.eval.batch_size))
                 stack.callback(engine[0].close)
+            else:  # an engine with weights of its own (vLLM) still holds those of the last evaluation
+                engine[0].sync_weights()
             return evaluate_policy(policy, engine[0], config.eval, seed=config.seed)[0]  # as `aopd eval` of it
 
         checkpoint = train_loop(session, policy, make_step=make_step, loss_fn=loss_fn, sampler=rng, evaluate=evaluate,

@@ -15,8 +15,8 @@ UI_VIEW = "aopd"  # the runs table's shared view that aopd writes and links to
 
 
 # keys that differ between runs by construction, or name data and models rather than a method's knob
-_NOT_KNOBS = ("output_dir", "tracking.", "seed", "resume", "threads", "student.", "teacher.", "base.", "data.",
-              "eval.", "tool_data.", "stage")
+_NOT_KNOBS = ("output_dir", "tracking.", "seed", "resume", "threads", "dist_timeout_s", "student.", "teacher.", "base.",
+              "data.", "eval.", "tool_data.", "stage")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

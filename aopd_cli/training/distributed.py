@@ -17,6 +17,7 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,16 +44,29 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def init() -> torch.device:
-    """The process group (when torchrun started us, or on a GPU) and this rank's device."""
+DEFAULT_TIMEOUT_S = 7200.0  # a cold download of a 32B teacher (~65 GB) by one rank, the others at a barrier
+
+
+def init(timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
+    """The process group (when torchrun started us, or on a GPU) and this rank's device. `timeout_s`: how
+    long a collective (a barrier included) waits before the group gives up; NCCL's own default, 10 minutes,
+    is shorter than one rank downloading a checkpoint while the others wait."""
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized() and (launched_by_torchrun() or cuda):
         if not launched_by_torchrun():  # one GPU without torchrun: a group of one, so FSDP2 can shard
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group("nccl" if cuda else "gloo")
+            # everything torchrun would set: an in-process vLLM engine joins this group (external_launcher),
+            # and its executor reads RANK and LOCAL_RANK from the environment
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def local_rank() -> int:
+    """This process's place on its node (torchrun's LOCAL_RANK; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def shutdown() -> None:

@@ -4,7 +4,8 @@ shard only, and each rank reads from the safetensors files just the rows of each
 (`safe_open(...).get_slice`: the file is memory-mapped, the other rows never read). Buffers the
 checkpoint does not hold (the rotary embedding's frequencies) are computed again.
 
-Under torchrun with a hub id, rank 0 downloads the checkpoint and the other ranks wait for it.
+Under torchrun with a hub id, each node's local rank 0 downloads the checkpoint and the other ranks wait
+for it (the process group's timeout, `dist_timeout_s`, bounds the wait).
 
     torchrun --nproc-per-node 2 benchmarks/host_memory.py --worker CHECKPOINT
 """
@@ -26,9 +27,9 @@ def local_folder(path: str, trust_remote_code: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", *(["*.py"] if trust_remote_code else [])]
-    if dist.is_main():
+    if dist.local_rank() == 0:  # one download a node: nodes rarely share a hub cache
         snapshot_download(path, allow_patterns=patterns)
-    dist.barrier()
+    dist.barrier()  # as long as the process group's timeout (`dist_timeout_s`)
     return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=True))
 
 
