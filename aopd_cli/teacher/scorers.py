@@ -29,6 +29,7 @@ import torch
 from aopd_cli.errors import UserError
 from aopd_cli.teacher.topk import assemble, engine_scores, sequences_of
 from aopd_cli.training.distributed import is_sharded
+from aopd_cli.training.lm_head import logits_f32
 from aopd_cli.training.models import stop_token_ids
 from aopd_cli.training.objectives import TeacherTopK
 from aopd_cli.training.update import MicroBatch, target_hidden
@@ -53,7 +54,7 @@ def hf_scorer(policy, top_k: int, chunk_size: int = 1024) -> Scorer:
         topk_ids_NK = torch.empty(batch * width, k, dtype=torch.long, device=hidden_NH.device)
         for start in range(0, hidden_NH.shape[0], chunk_size):
             stop = start + chunk_size
-            logp_CV = torch.log_softmax((hidden_NH[start:stop] @ weight_VH.T).float(), dim=-1)
+            logp_CV = torch.log_softmax(logits_f32(hidden_NH[start:stop], weight_VH), dim=-1)
             token_logp_N[start:stop] = logp_CV.gather(-1, targets_N[start:stop, None]).squeeze(-1)
             topk_logp_NK[start:stop], topk_ids_NK[start:stop] = logp_CV.topk(k, dim=-1)
             del logp_CV
