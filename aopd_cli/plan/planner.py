@@ -4,8 +4,8 @@
 A training stage's step has phases that never overlap, each beside what the others leave alive: the
 teacher (and ExOPD's base) scoring, the student's update, and with `rollout=vllm` the engine sampling
 (asleep during the update, woken after `torch.cuda.empty_cache()`, so torch then holds only its live
-tensors). SeqKD samples from a teacher engine and evaluates on a student engine: each sleeps while the
-other works. Engines and the CUDA context sit outside torch's allocator: arithmetic only.
+tensors). SeqKD samples from a teacher engine and evaluates on a student engine, one at a time: each
+evaluation closes the teacher's engine and starts the student's, and the next step the other way round. Engines and the CUDA context sit outside torch's allocator: arithmetic only.
 
     aopd plan experiment=paper_8b_1k --gpus 8 --gpu-memory 80
 """
@@ -86,6 +86,8 @@ def plan_training(name: str, config, gpus: int, gpu_bytes: float, made: dict, tr
     always = CONTEXT
     if spec is not None and spec.teacher_scores and config.teacher.engine == "vllm":
         always += config.teacher.gpu_memory_utilization * gpu_bytes  # an in-process teacher engine, awake
+    elif spec is not None and spec.teacher_scores and config.teacher.engine == "server" and not config.teacher.url:
+        always += config.teacher.gpu_memory_utilization * gpu_bytes  # the server aopd starts sits on GPU 0 (and on)
     parts = update_parts(student, gpus, batch, train.activation_checkpointing)
     plan = StagePlan(name, config.stage, {"update": sum(parts.values()) + sum(residue.values()) + always}, parts=parts)
     for model, (shape, scores) in frozen.items():
@@ -105,6 +107,10 @@ def plan_training(name: str, config, gpus: int, gpu_bytes: float, made: dict, tr
         for model, phase in scored.items():
             others = sum(v for n, v in kept.items() if n != model)
             plan.traced[f"{model} scoring"] = phase.peak.get("Total", 0.0) + update.residue + others + always
+    if spec is not None and spec.teacher_scores and config.teacher.engine == "server" and not config.teacher.url:
+        plan.notes.append(f"teacher.engine=server with no teacher.url: aopd starts the teacher on GPU 0 (to "
+                          f"{config.teacher.tensor_parallel_size - 1}) with {config.teacher.gpu_memory_utilization:g} "
+                          "of it, counted in every phase (the GPUs it shares); a teacher.url on GPUs of its own frees it")
     _engines(plan, config, student, frozen, gpus, gpu_bytes, residue, always, made)
     plan.notes.append(f"a step checkpoint (fp32 params and AdamW moments) is {12 * student.params / 1e9:.0f} GB on "
                       f"disk; the final checkpoint, in the student.dtype ({config.student.dtype}: bf16 on GPUs at auto), about "
@@ -140,10 +146,11 @@ def _engines(plan: StagePlan, config, student: Shape, frozen: dict, gpus: int, g
         plan.traced[phase] += awake
     plan.estimated["vLLM sampling"] = engine + trainer
     plan.notes.append(f"vLLM sampling: {note}; torch's cache is emptied before the engine wakes")
-    if sampler is not student:  # SeqKD: the student's evaluations on an engine of their own, each asleep in turn
+    if sampler is not student:  # SeqKD: the student's evaluations on an engine of their own, never beside the teacher's
         evaluation, _ = engine_note(student, share, 1, config.eval.max_new_tokens + 512)
         plan.estimated["vLLM evaluation"] = evaluation + trainer
-        plan.notes.append("SeqKD: the teacher's engine sleeps while the student's evaluates, and the other way round")
+        plan.notes.append("SeqKD: one vLLM engine at a time: each evaluation closes the teacher's engine and starts "
+                          "the student's, the next step starts the teacher's again (two engine starts an evaluation)")
 
 
 def plan_eval(name: str, config, gpus: int, gpu_bytes: float, made: dict) -> StagePlan:

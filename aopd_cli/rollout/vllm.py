@@ -15,7 +15,9 @@
 - GPUs: sleep mode (`rollout.sleep`): after sampling the engine drops its weights and KV cache, so the
   update has the memory; the next sync (or sampling) wakes it, after `torch.cuda.empty_cache()` (the
   engine maps its memory outside torch's allocator). A frozen sampler (SeqKD's teacher) sleeps keeping
-  its weights in host memory. vLLM's CPU backend has no sleep mode.
+  its weights in host memory. An engine asleep is woken before it is closed: vLLM's allocator fails to
+  free unmapped memory, and the failure sticks to every later allocation of its pool. vLLM's CPU backend
+  has no sleep mode. One process holds one sleeping engine at most (`engines.one_at_a_time`).
 - Tensor parallel (`rollout.tensor_parallel_size` > 1, under torchrun): the ranks of a group run one
   engine, so they sample the group's prompts together and each keeps its own share.
 
@@ -40,11 +42,10 @@ def check_rollout_model(policy, role: str = "student") -> None:
     check_model(policy.model.config, KEY, role)
 
 
-def vllm_rollout(policy, rollout_cfg, seed: int = 0, *, frozen: bool = False, start_asleep: bool = False) -> Rollout:
+def vllm_rollout(policy, rollout_cfg, seed: int = 0, *, frozen: bool = False) -> Rollout:
     """An engine sampling from `policy`. `frozen`: its weights never change after the first push (SeqKD's
     teacher): it sleeps at level 1 (weights kept in host memory, restored on waking) instead of level 2
-    (weights dropped, pushed again). `start_asleep`: asleep from the start, so a second engine can start
-    beside it (vLLM refuses to start without its share of the GPU free)."""
+    (weights dropped, pushed again)."""
     check_rollout_model(policy, "sampler")
     on_gpu = policy.device.type == "cuda"
     sleeps = on_gpu and rollout_cfg.sleep
@@ -116,12 +117,14 @@ def vllm_rollout(policy, rollout_cfg, seed: int = 0, *, frozen: bool = False, st
         return _batch(policy, prompts_ids, outputs[start:start + len(prompts_ids)])
 
     def close() -> None:
+        if asleep["now"]:  # freeing unmapped memory fails in vLLM's allocator, and its error sticks for the
+            torch.cuda.empty_cache()  # next engine's allocations: mapped back first (the engine's own share)
+            llm.wake_up()
+            asleep["now"] = False
         close_engine()
         shutil.rmtree(folder, ignore_errors=True)
 
     push()  # the engine started from random weights
-    if start_asleep:
-        sleep()
     return Rollout(generate=generate, sync_weights=sync_weights, close=close)
 
 

@@ -17,21 +17,21 @@ from aopd_cli.stages.onpolicy import (
     log_advantages,
     onpolicy_loop,
     prepare,  # noqa: F401 - run_stage calls it
-    stage_rollouts,
+    stage_engines,
 )
 
 
 def run(config, session, prepared) -> Path:
-    student, teacher = prepared.student, prepared.teacher
+    student = prepared.student
     measured = session.out_dir / "before.json"
-    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
+    with stage_engines(config, prepared, session.out_dir) as engines:
         before = read_record(measured) if session.resume_from is not None else None  # the run this one continues
         if before is None:
-            before, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+            before, _ = evaluate_policy(student, engines.evaluation, config.eval, seed=config.seed)
             session.tracker.log_metrics(before, step=0)
             measured.write_text(json.dumps(before))
-        checkpoint, advantages = onpolicy_loop(config, session, prepared, rollout)
-        after, _ = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed)
+        checkpoint, advantages = onpolicy_loop(config, session, prepared, engines)
+        after, _ = evaluate_policy(student, engines.evaluation, config.eval, seed=config.seed)
     retention = {}
     for k in config.eval.k:
         key = names.pass_at(names.MATH_AVG, k)

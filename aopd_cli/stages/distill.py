@@ -14,27 +14,27 @@ from aopd_cli.stages.onpolicy import (
     log_advantages,
     onpolicy_loop,
     prepare,  # noqa: F401 - run_stage calls it
-    stage_rollouts,
+    stage_engines,
 )
 from aopd_cli.training.distributed import is_main
 
 
 def run(config, session, prepared) -> Path:
-    student, teacher = prepared.student, prepared.teacher
-    with stage_rollouts(config, student, teacher) as (rollout, eval_rollout):
+    student = prepared.student
+    with stage_engines(config, prepared, session.out_dir) as engines:
 
         def evaluate(step: int, tools: bool = False) -> dict[str, float]:
             # one sampling seed at every step (common random numbers): a per-step seed moved every method's
             # curve together by +-3 points of Pass@1 at lr 0 (lab, 100 problems x 4 samples)
-            metrics, samples = evaluate_policy(student, eval_rollout, config.eval, seed=config.seed, tools=tools)
+            metrics, samples = evaluate_policy(student, engines.evaluation, config.eval, seed=config.seed,
+                                               tools=tools)
             if is_main():
                 append_problems(session.out_dir / PROBLEMS_FILE, step, samples)
             return metrics
 
         if config.train.eval_every and config.eval.benchmarks and session.resume_from is None:
             session.tracker.log_metrics(evaluate(0), step=0)  # the curve starts at the warm-up checkpoint
-        checkpoint, advantages = onpolicy_loop(config, session, prepared, rollout,
-                                               evaluate=evaluate)
+        checkpoint, advantages = onpolicy_loop(config, session, prepared, engines, evaluate=evaluate)
         # the eval stage's seed: the closing evaluation and `aopd eval` of this checkpoint give one number
         metrics = evaluate(config.train.steps, tools=True)
     session.tracker.log_metrics(metrics, step=config.train.steps)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from aopd_cli.data.prompts import chat_ids, math_messages, tool_turns
 from aopd_cli.errors import ConfigError, UserError
 from aopd_cli.eval.math import grade_math
 from aopd_cli.eval.tools import grade_turn
-from aopd_cli.rollout.engines import make_rollout
+from aopd_cli.rollout.engines import make_rollout, one_at_a_time
 from aopd_cli.rollout.interface import Rollout, RolloutBatch, left_pad, mask_through_first_stop, right_pad
 from aopd_cli.stages.lifecycle import log_dataset
 from aopd_cli.stages.preflight import check_benchmark_prompts, context_of, fit_prompts
@@ -34,7 +34,7 @@ from aopd_cli.training import distributed as dist
 from aopd_cli.training.batches import micro_batches
 from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
 from aopd_cli.training.models import check_compatible, load_policy, seed_everything
-from aopd_cli.training.objectives import OBJECTIVES, global_normalizer, objective_loss
+from aopd_cli.training.objectives import OBJECTIVES, flat, global_normalizer, objective_loss
 from aopd_cli.training.update import MicroBatch
 
 ADVANTAGE_SAMPLE = 200_000  # advantages kept for the histogram
@@ -100,32 +100,54 @@ def load_models(config):
     return student, teacher, base
 
 
+@dataclass
+class Engines:
+    """What a stage samples, evaluates and scores with, alive from its first evaluation to its last."""
+
+    rollout: Rollout  # the objective's sampler (the student; the teacher for seqkd)
+    evaluation: Rollout  # the student, for the Pass@k curve and the evaluations around the loop
+    score: object | None  # the teacher's scorer (None: the objective needs no teacher scores)
+
+
 @contextmanager
-def stage_rollouts(config, student, teacher):
-    """(rollout, evaluation rollout) for the stage, closed at its end. With rollout=vllm evaluations run
-    on the rollout engine when it holds the student (it is synced after every update), else on a student
-    engine of their own, synced before each evaluation, the two engines asleep in turn on GPUs; with
-    rollout=hf they use HF generate."""
-    spec, rollout_cfg = OBJECTIVES[config.objective.name], config.rollout
+def stage_engines(config, prepared: Prepared, log_dir: Path):
+    """The stage's engines, started before its first evaluation and closed together at its end: under vLLM
+    0.33 closing any in-process engine tears down the model-parallel groups every engine of the process
+    runs on, so none may be used after another one closed (the teacher's vLLM engine used to close
+    before the closing evaluation on the rollout engine). With rollout=vllm evaluations run on the rollout
+    engine when it holds the student (it is synced after every update); SeqKD's teacher samples on an
+    engine of its own, and its evaluations then run on a student engine, never both alive at once
+    (`one_at_a_time`: each evaluation closes the teacher's engine and the next step starts it again).
+    With rollout=hf they use HF generate."""
+    spec, rollout_cfg, objective = OBJECTIVES[config.objective.name], config.rollout, config.objective
+    student, teacher = prepared.student, prepared.teacher
+    sampler = student if spec.samples_from == "student" else teacher
     with ExitStack() as stack:
-        sampler = student if spec.samples_from == "student" else teacher
-        # a teacher's engine (SeqKD) is frozen, and asleep whenever the student's engine evaluates: vLLM
-        # starts an engine only on a GPU with its share free, and the two shares do not fit together
-        rollout = make_rollout(rollout_cfg.engine, sampler, rollout_cfg, frozen=sampler is not student,
-                               start_asleep=sampler is not student)
-        stack.callback(rollout.close)
         if rollout_cfg.engine == "vllm" and sampler is student:
-            yield rollout, rollout
-            return
-        evaluation = make_rollout(rollout_cfg.engine, student, rollout_cfg, config.eval.batch_size)
-        stack.callback(evaluation.close)
-        if rollout_cfg.engine == "vllm":
-            def generate(*args, **kwargs):
-                evaluation.sync_weights()
-                return evaluation.generate(*args, **kwargs)
+            rollout = evaluation = make_rollout("vllm", student, rollout_cfg)
+            stack.callback(rollout.close)
+        elif rollout_cfg.engine == "vllm":
+            rollout, evaluation = one_at_a_time(
+                lambda: make_rollout("vllm", teacher, rollout_cfg, frozen=True),
+                lambda: make_rollout("vllm", student, rollout_cfg, config.eval.batch_size))
+            stack.callback(rollout.close)
+            stack.callback(evaluation.close)
+            synced = evaluation
+
+            def generate(*args, **kwargs):  # an engine still alive from the last evaluation has its weights
+                synced.sync_weights()
+                return synced.generate(*args, **kwargs)
 
             evaluation = Rollout(generate, evaluation.sync_weights, evaluation.close)
-        yield rollout, evaluation
+        else:
+            rollout = make_rollout("hf", sampler, rollout_cfg)
+            evaluation = make_rollout("hf", student, rollout_cfg, config.eval.batch_size)
+        score = None
+        if spec.teacher_scores and config.teacher.engine == "hf":
+            score = hf_scorer(teacher, objective.top_k)
+        elif spec.teacher_scores:  # an engine or a server, for the stage and no longer
+            score = stack.enter_context(teacher_scorer(config.teacher, teacher, student, objective.top_k, log_dir))
+        yield Engines(rollout, evaluation, score)
 
 
 def rollout_micro_batches(batch: RolloutBatch, size: int, token_budget: int | None = None) -> list[MicroBatch]:
@@ -146,12 +168,13 @@ def _reference_batch(policy, prompts, references) -> RolloutBatch:
                                                                                          valid), list(range(len(prompts))))
 
 
-def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, evaluate=None) -> tuple[Path, torch.Tensor]:
+def onpolicy_loop(config, session, prepared: Prepared, engines: Engines, *, evaluate=None
+                  ) -> tuple[Path, torch.Tensor]:
     """Run the stage's optimizer steps; returns the final checkpoint and a sample of the advantages seen.
     Each rank rolls out, scores and grades its share of a step's prompts."""
     objective, train, rollout_cfg = config.objective, config.train, config.rollout
-    records, prompts, student, teacher, base = (prepared.records, prepared.prompts, prepared.student, prepared.teacher,
-                                                prepared.base)
+    rollout, score = engines.rollout, engines.score
+    records, prompts, student, base = prepared.records, prepared.prompts, prepared.student, prepared.base
     log_dataset(session, "train", config.data.source, records)
     spec = OBJECTIVES[objective.name]
     remote = spec.teacher_scores and config.teacher.engine != "hf"  # an engine that batches a whole step itself
@@ -160,8 +183,9 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
     score_base = hf_scorer(base, 1) if spec.frozen_base else None
     rng = random.Random(config.seed)
     diagnostics = {"advantages": []}  # a sample of the advantages seen (saved with each step checkpoint)
-    # the engine's log-probs of the step's samples, and how far the loss's own values are from them
-    drift = {"step": None, "engine_logprobs_BR": None, "max": 0.0, "sum": 0.0, "count": 0}
+    base_loss = objective_loss(objective)
+    # this step's recorder (`drift_recorder`): the loss, and the advantages and engine gaps it keeps
+    current = {"step": None, "loss": base_loss, "read": None}
 
     def make_step(step: int) -> StepBatch:
         timings: dict[str, float] = {}
@@ -177,8 +201,10 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
                                          temperature=rollout_cfg.temperature, max_new_tokens=rollout_cfg.max_new_tokens,
                                          seed=config.seed * 100003 + step, indices=list(share))
         micro_batches = rollout_micro_batches(batch, train.micro_batch_size, train.micro_batch_tokens)
-        drift.update(step=step, max=0.0, sum=0.0, count=0,
-                     engine_logprobs_BR=batch.logprobs_BR if spec.samples_from == "student" else None)
+        keep = sum(a.numel() for a in diagnostics["advantages"]) < ADVANTAGE_SAMPLE
+        current["loss"], current["read"] = drift_recorder(
+            base_loss, batch.logprobs_BR if spec.samples_from == "student" else None, keep_advantages=keep)
+        current["step"] = step
         metrics = {}
         with names.timed("teacher", timings):
             if served:  # requests go out now, one a micro-batch; the update waits for each as it comes to it
@@ -205,48 +231,60 @@ def onpolicy_loop(config, session, prepared: Prepared, rollout: Rollout, *, eval
                 micro.ready()
         return StepBatch(micro_batches, global_normalizer(batch.response_mask_BR, objective.reduction), metrics)
 
-    base_loss = objective_loss(objective)
-
-    def loss_fn(head, micro, normalizer):
-        output = base_loss(head, micro, normalizer)
-        advantages = diagnostics["advantages"]
-        if output.advantages is not None and sum(a.numel() for a in advantages) < ADVANTAGE_SAMPLE:
-            advantages.append(output.advantages.detach().float().cpu())
-        engine_BR = drift["engine_logprobs_BR"]
-        if engine_BR is not None and output.token_logprobs is not None:  # before the step: the sampling weights
-            mask_BT = micro.mask_BT.cpu()
-            gap_N = (output.token_logprobs.float().cpu() - engine_BR[micro.rows_B, :mask_BT.shape[1]][mask_BT]).abs()
-            if gap_N.numel():
-                drift.update(max=max(drift["max"], float(gap_N.max())), sum=drift["sum"] + float(gap_N.sum()),
-                             count=drift["count"] + gap_N.numel())
-        return output
-
     def after_update():
+        advantages_N, gaps_N = current["read"]() if current["read"] else (None, None)
+        current["read"] = None
+        if advantages_N is not None:
+            diagnostics["advantages"].append(advantages_N)
         # a frozen teacher's engine has nothing to sync after a student update
         if spec.samples_from != "student":
             return
         timings: dict[str, float] = {}
         with names.timed("sync", timings):
             rollout.sync_weights()
-        if drift["step"] is None or rollout_cfg.engine == "hf":  # resuming; or nothing to sync or compare
+        if gaps_N is None or rollout_cfg.engine == "hf":  # resuming; or nothing to sync or compare
             return
-        largest = dist.all_reduce([drift["max"]], "max")[0]
-        total, count = dist.all_reduce([drift["sum"], drift["count"]])
+        largest = dist.all_reduce([float(gaps_N.max()) if gaps_N.numel() else 0.0], "max")[0]
+        total, count = dist.all_reduce([float(gaps_N.sum()), gaps_N.numel()])
         if count:  # not on a step of reference responses (gkd's lmbda < 1): nothing was sampled
             timings |= {names.rollout("logprob_diff_max"): largest, names.rollout("logprob_diff_mean"): total / count}
-        session.tracker.log_metrics(timings, step=drift["step"] + 1)
+        session.tracker.log_metrics(timings, step=current["step"] + 1)
 
-    scorer = nullcontext()
-    if spec.teacher_scores and config.teacher.engine == "hf":
-        scorer = nullcontext(hf_scorer(teacher, objective.top_k))
-    elif spec.teacher_scores:  # an engine or a server, for the loop and no longer
-        scorer = teacher_scorer(config.teacher, teacher, student, objective.top_k, session.out_dir)
-    with scorer as score, ThreadPoolExecutor(config.teacher.max_in_flight) as pool:  # make_step reads both
-        checkpoint = train_loop(session, student, make_step=make_step, loss_fn=loss_fn, sampler=rng,
+    with ThreadPoolExecutor(config.teacher.max_in_flight) as pool:  # make_step reads it
+        checkpoint = train_loop(session, student, make_step=make_step, sampler=rng,
+                                loss_fn=lambda head, micro, normalizer: current["loss"](head, micro, normalizer),
                                 after_update=after_update, evaluate=evaluate, label=session.name,
                                 diagnostics=diagnostics)
     advantages = diagnostics["advantages"]
     return checkpoint, torch.cat(advantages) if advantages else torch.zeros(0)
+
+
+def drift_recorder(base_loss, engine_logprobs_BR: torch.Tensor | None, *, keep_advantages: bool = True):
+    """(loss_fn, read) for one step. `loss_fn` computes the objective and keeps, on the device, the step's
+    advantages and how far the trainer's log-prob of each sampled token is from the engine's that sampled
+    it (`engine_logprobs_BR`, on the host; None: nothing to compare). `read()`, once the step is over, gives
+    both on the host (advantages [N] or None, gaps [M] or None): the step's one read-back of them, not a
+    wait on the device a micro-batch."""
+    advantages, gaps = [], []
+
+    def loss_fn(head, micro, normalizer):
+        output = base_loss(head, micro, normalizer)
+        if output.advantages is not None and keep_advantages:
+            advantages.append(output.advantages.detach().float())
+        if engine_logprobs_BR is not None and output.token_logprobs is not None:  # the sampling weights
+            width = micro.mask_BT.shape[1]
+            engine_BT = engine_logprobs_BR[micro.rows_B, :width].to(micro.mask_BT.device, non_blocking=True)
+            gaps.append((output.token_logprobs.float() - flat(engine_BT, output.counted_N)).abs())
+        return output
+
+    def read():
+        parts = [torch.cat(advantages)] if advantages else []
+        parts += [torch.cat(gaps)] if gaps else []
+        together = torch.cat(parts).cpu() if parts else torch.zeros(0)
+        advantages_N = together[:parts[0].numel()] if advantages else None
+        return advantages_N, together[len(together) - parts[-1].numel():] if gaps else None
+
+    return loss_fn, read
 
 
 def _overlaps(teacher_cfg, student) -> bool:
