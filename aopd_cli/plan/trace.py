@@ -191,7 +191,7 @@ def traced_phase(kind: str, shape, world: int, rows: int, response: int, *, obje
                  top_k: int = 32, depths: tuple[int, int] = DEPTHS, cache: dict | None = None) -> Phase:
     """`trace_update` or `trace_scoring` at the shape's true depth (traced at `depths`, extrapolated);
     with a `cache`, identical phases of several stages are traced once."""
-    objective_key = objective.model_dump_json() if objective is not None else None
+    objective_key = repr(objective)  # every field, in order (a pydantic model, or a namespace standing for one)
     train_key = (train.activation_checkpointing, train.grad_clip) if train is not None else None
     key = (kind, shape, world, rows, response, objective_key, train_key, top_k, depths)
     if cache is not None and key in cache:

@@ -1,7 +1,9 @@
 """The losses of `method.md`, as pure torch functions of tensors, and their per-token diagnostics.
 
 Every objective works on the counted tokens only: `mask_BT` selects them and the per-token maths runs on
-flat `[N]` tensors (N = counted tokens), so padding and prompt positions never cost a vocabulary row.
+flat `[N]` tensors (N = counted tokens), so padding and prompt positions never cost a vocabulary row. The
+selection is made once per call (`counted`: on a GPU, the one point where the host waits for the device),
+and the diagnostics stay tensors on the device: the update reads them back once per step.
 The student is given either as logits `[B,T,V]` or as an `LMHead` (hidden states and the output
 embedding); the `LMHead` path computes logits chunk by chunk and recomputes them in backward, so its
 peak memory is bounded by `chunk_size * V`, never by `B*T*V`.
@@ -51,9 +53,24 @@ class TeacherTopK:
 @dataclass
 class ObjectiveOutput:
     loss: torch.Tensor  # 0-dim
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor]  # 0-dim, detached, on the loss's device
     advantages: torch.Tensor | None = None  # [N] detached K1 advantages of the counted tokens (histograms)
     token_logprobs: torch.Tensor | None = None  # [N] detached log P_S(y_t) of the counted tokens (engine drift)
+    counted_N: torch.Tensor | None = None  # [N] their flat positions in the micro-batch (`counted`)
+
+
+def counted(mask_BT: torch.Tensor) -> torch.Tensor:
+    """[N] flat positions (row * T + column) of the counted tokens. Selecting by these indices is free of
+    host syncs; making them is one (the count N sizes every flat tensor)."""
+    return torch.arange(mask_BT.numel(), device=mask_BT.device)[mask_BT.reshape(-1)]
+
+
+def flat(values_BT: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+    """values_BT[mask_BT] for the `counted` positions `index_N`: [B, T, ...] -> [N, ...]. Row and column
+    indices, so a strided view (the hidden states past the prompt) is never copied whole."""
+    index_N = index_N.to(values_BT.device)
+    width = values_BT.shape[1]
+    return values_BT[index_N // width, index_N % width]
 
 
 @dataclass(frozen=True)
@@ -61,22 +78,24 @@ class _StudentView:
     token_logp_N: torch.Tensor  # log P_S(y_t), carries gradient
     support_logp_NK: torch.Tensor | None  # log P_S(v) for v in S_t, carries gradient
     entropy_N: torch.Tensor  # no gradient
+    index_N: torch.Tensor  # the counted positions (`counted`)
 
 
 def _student_view(student, tokens_BT, mask_BT, support_ids_BTK) -> _StudentView:
-    ids_NJ = tokens_BT[mask_BT].unsqueeze(-1)
+    index_N = counted(mask_BT)
+    ids_NJ = flat(tokens_BT, index_N).unsqueeze(-1)
     if support_ids_BTK is not None:
-        ids_NJ = torch.cat([ids_NJ, support_ids_BTK[mask_BT]], dim=-1)
+        ids_NJ = torch.cat([ids_NJ, flat(support_ids_BTK, index_N)], dim=-1)
     if isinstance(student, LMHead):
-        gathered_NJ, entropy_N = chunked_gather(student, student.hidden[mask_BT], ids_NJ)
+        gathered_NJ, entropy_N = chunked_gather(student, flat(student.hidden, index_N), ids_NJ)
     else:
         # float32 even for bf16 logits: log-softmax over a large vocabulary loses mass in bf16
-        logp_NV = torch.log_softmax(to_f32(student[mask_BT]), dim=-1)
+        logp_NV = torch.log_softmax(to_f32(flat(student, index_N)), dim=-1)
         gathered_NJ = logp_NV.gather(-1, ids_NJ)
         with torch.no_grad():
             entropy_N = -(logp_NV.exp() * logp_NV).sum(-1)
     support_logp_NK = gathered_NJ[:, 1:] if support_ids_BTK is not None else None
-    return _StudentView(gathered_NJ[:, 0], support_logp_NK, entropy_N)
+    return _StudentView(gathered_NJ[:, 0], support_logp_NK, entropy_N, index_N)
 
 
 def global_normalizer(mask_BT: torch.Tensor, reduction: Reduction) -> int:
@@ -86,19 +105,19 @@ def global_normalizer(mask_BT: torch.Tensor, reduction: Reduction) -> int:
     return int((mask_BT.sum(-1) > 0).sum())
 
 
-def _reduce(loss_N, mask_BT, reduction: Reduction, normalizer) -> torch.Tensor:
+def _reduce(loss_N, mask_BT, index_N, reduction: Reduction, normalizer) -> torch.Tensor:
     if normalizer is None:
         normalizer = global_normalizer(mask_BT, reduction)
     if reduction == "token-mean":
         return loss_N.sum() / max(normalizer, 1)
     counts_B = mask_BT.sum(-1)
-    seq_N = _seq_index(mask_BT)
+    seq_N = _seq_index(mask_BT, index_N)
     return (loss_N / counts_B[seq_N].to(loss_N.dtype)).sum() / max(normalizer, 1)
 
 
-def _seq_index(mask_BT) -> torch.Tensor:
-    rows_BT = torch.arange(mask_BT.shape[0], device=mask_BT.device).unsqueeze(-1).expand_as(mask_BT)
-    return rows_BT[mask_BT]
+def _seq_index(mask_BT, index_N) -> torch.Tensor:
+    """[N] the sequence (row) of each counted token."""
+    return index_N // mask_BT.shape[1]
 
 
 def _log_tail(logp_NK) -> torch.Tensor:
@@ -138,36 +157,42 @@ def divergence_beta(teacher_logp_NK, student_logp_NK, beta: float) -> torch.Tens
     ).sum(-1)
 
 
-def _quantile(values_N, q: float) -> float:
-    return float(torch.quantile(values_N.float(), q)) if values_N.numel() else 0.0
+def _mean(values_N: torch.Tensor) -> torch.Tensor:
+    """The mean as a detached 0-dim float32 tensor on the values' device; 0 for no values (never NaN)."""
+    values_N = values_N.detach().float()
+    return values_N.mean() if values_N.numel() else values_N.new_zeros(())
 
 
-def _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps: float) -> dict[str, float]:
-    metrics = {"entropy": float(view.entropy_N.mean()) if view.entropy_N.numel() else 0.0}
+def _quantile(values_N: torch.Tensor, q: float) -> torch.Tensor:
+    values_N = values_N.detach().float()
+    return torch.quantile(values_N, q) if values_N.numel() else values_N.new_zeros(())
+
+
+def _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps: float) -> dict[str, torch.Tensor]:
+    metrics = {"entropy": _mean(view.entropy_N)}
     if teacher_token_logp_N is None:
         return metrics
     with torch.no_grad():
         adv_N = teacher_token_logp_N - view.token_logp_N
         student_logp_NK = view.support_logp_NK
-        count = adv_N.numel()
         metrics.update(
-            adv_mean=float(adv_N.mean()) if count else 0.0,
-            adv_std=float(adv_N.std(unbiased=False)) if count else 0.0,
+            adv_mean=_mean(adv_N),
+            adv_std=adv_N.float().std(unbiased=False) if adv_N.numel() else _mean(adv_N),
             adv_p01=_quantile(adv_N, 0.01),
             adv_p99=_quantile(adv_N, 0.99),
-            adv_neg_frac=float((adv_N < 0).float().mean()) if count else 0.0,
-            adv_zero_frac=float((adv_N.abs() <= zero_eps).float().mean()) if count else 0.0,
-            teacher_mass=float(teacher_topk_logp_NK.exp().sum(-1).mean()) if count else 0.0,
-            student_mass=float(student_logp_NK.exp().sum(-1).mean()) if count else 0.0,
-            fkl=float(divergence_beta(teacher_topk_logp_NK, student_logp_NK, 1.0).mean()) if count else 0.0,
+            adv_neg_frac=_mean(adv_N < 0),
+            adv_zero_frac=_mean(adv_N.abs() <= zero_eps),
+            teacher_mass=_mean(teacher_topk_logp_NK.exp().sum(-1)),
+            student_mass=_mean(student_logp_NK.exp().sum(-1)),
+            fkl=_mean(divergence_beta(teacher_topk_logp_NK, student_logp_NK, 1.0)),
         )
     return metrics
 
 
-def _teacher_flat(teacher: TeacherTopK, mask_BT):
+def _teacher_flat(teacher: TeacherTopK, index_N):
     return (
-        to_f32(teacher.token_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
-        to_f32(teacher.topk_logprobs[mask_BT]).clamp_min(LOGP_FLOOR),
+        to_f32(flat(teacher.token_logprobs, index_N)).clamp_min(LOGP_FLOOR),
+        to_f32(flat(teacher.topk_logprobs, index_N)).clamp_min(LOGP_FLOOR),
     )
 
 
@@ -175,12 +200,12 @@ def opd_loss(student, tokens, mask, teacher: TeacherTopK, *, reduction: Reductio
              normalizer: int | None = None, zero_eps: float = 1e-2) -> ObjectiveOutput:
     """On-policy distillation: -sg[log P_T(y_t) - log P_S(y_t)] * log P_S(y_t)."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
-    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, view.index_N)
     student_token_logp_N = view.token_logp_N.detach()
     adv_N = teacher_token_logp_N - student_token_logp_N
-    loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
+    loss = _reduce(-adv_N * view.token_logp_N, mask, view.index_N, reduction, normalizer)
     return ObjectiveOutput(loss, _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps), adv_N,
-                           student_token_logp_N)
+                           student_token_logp_N, view.index_N)
 
 
 def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, beta: float = 1.0,
@@ -189,7 +214,7 @@ def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, 
               reduction: Reduction = "seq-mean-token-mean", normalizer: int | None = None) -> ObjectiveOutput:
     """AOPD: G_t * D_beta(S_t)/K + (1 - G_t) * OPD, with the gate G_t of `intervention`."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
-    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, view.index_N)
     top_k = teacher.topk_ids.shape[-1]
     student_token_logp_N = view.token_logp_N.detach()
     adv_N = teacher_token_logp_N - student_token_logp_N
@@ -204,12 +229,13 @@ def aopd_loss(student, tokens, mask, teacher: TeacherTopK, *, tau: float = 0.0, 
     if intervention == "accuracy":
         if correct is None:
             raise ValueError("intervention='accuracy' needs the per-sequence `correct` flags [B]")
-        gate_N = gate_N & ~correct.to(mask.device)[_seq_index(mask)]
+        gate_N = gate_N & ~correct.to(mask.device)[_seq_index(mask, view.index_N)]
     guidance_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta) / top_k
     loss_N = torch.where(gate_N, guidance_N, -adv_N * view.token_logp_N)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
-    metrics["intervention_ratio"] = float(gate_N.float().mean()) if gate_N.numel() else 0.0
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N, student_token_logp_N)
+    metrics["intervention_ratio"] = _mean(gate_N)
+    return ObjectiveOutput(_reduce(loss_N, mask, view.index_N, reduction, normalizer), metrics, adv_N,
+                           student_token_logp_N, view.index_N)
 
 
 def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, support: Support = "raw",
@@ -217,11 +243,12 @@ def gkd_loss(student, tokens, mask, teacher: TeacherTopK, *, beta: float = 0.5, 
              zero_eps: float = 1e-2) -> ObjectiveOutput:
     """GKD: D_beta between teacher and student on the teacher's top-K support (no 1/K)."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
-    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, view.index_N)
     loss_N = divergence_beta(*apply_support(teacher_topk_logp_NK, view.support_logp_NK, support), beta)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
     adv_N = teacher_token_logp_N - view.token_logp_N.detach()
-    return ObjectiveOutput(_reduce(loss_N, mask, reduction, normalizer), metrics, adv_N, view.token_logp_N.detach())
+    return ObjectiveOutput(_reduce(loss_N, mask, view.index_N, reduction, normalizer), metrics, adv_N,
+                           view.token_logp_N.detach(), view.index_N)
 
 
 def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: torch.Tensor, lam: float = 1.25,
@@ -229,23 +256,24 @@ def exopd_loss(student, tokens, mask, teacher: TeacherTopK, *, base_logprobs: to
                zero_eps: float = 1e-2) -> ObjectiveOutput:
     """ExOPD: -A^ex * log P_S(y_t), A^ex = lam (log P_T - log P_B) - (log P_S - log P_B)."""
     view = _student_view(student, tokens, mask, teacher.topk_ids)
-    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, mask)
-    base_logp_N = to_f32(base_logprobs[mask]).clamp_min(LOGP_FLOOR)
+    teacher_token_logp_N, teacher_topk_logp_NK = _teacher_flat(teacher, view.index_N)
+    base_logp_N = to_f32(flat(base_logprobs, view.index_N)).clamp_min(LOGP_FLOOR)
     adv_N = lam * (teacher_token_logp_N - base_logp_N) - (view.token_logp_N.detach() - base_logp_N)
-    loss = _reduce(-adv_N * view.token_logp_N, mask, reduction, normalizer)
+    loss = _reduce(-adv_N * view.token_logp_N, mask, view.index_N, reduction, normalizer)
     metrics = _diagnostics(view, teacher_token_logp_N, teacher_topk_logp_NK, zero_eps)
-    metrics["exadv_mean"] = float(adv_N.mean()) if adv_N.numel() else 0.0
-    return ObjectiveOutput(loss, metrics, teacher_token_logp_N - view.token_logp_N.detach(), view.token_logp_N.detach())
+    metrics["exadv_mean"] = _mean(adv_N)
+    return ObjectiveOutput(loss, metrics, teacher_token_logp_N - view.token_logp_N.detach(), view.token_logp_N.detach(),
+                           view.index_N)
 
 
 def seqkd_loss(student, tokens, mask, *, reduction: Reduction = "seq-mean-token-mean",
                normalizer: int | None = None) -> ObjectiveOutput:
     """SeqKD (and SFT): -log P_S(y_t) on given responses (teacher samples, or reference traces)."""
     view = _student_view(student, tokens, mask, None)
-    loss = _reduce(-view.token_logp_N, mask, reduction, normalizer)
+    loss = _reduce(-view.token_logp_N, mask, view.index_N, reduction, normalizer)
     metrics = _diagnostics(view, None, None, 0.0)
-    metrics["nll"] = float(-view.token_logp_N.detach().mean()) if view.token_logp_N.numel() else 0.0
-    return ObjectiveOutput(loss, metrics, token_logprobs=view.token_logp_N.detach())
+    metrics["nll"] = _mean(-view.token_logp_N)
+    return ObjectiveOutput(loss, metrics, token_logprobs=view.token_logp_N.detach(), counted_N=view.index_N)
 
 
 # ---------------------------------------------------------------- what each objective needs

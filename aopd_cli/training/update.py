@@ -38,10 +38,10 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         """This micro-batch with every tensor on `device` (micro-batches wait on the CPU for their turn)."""
-        def move(tensor):
-            return tensor.to(device) if tensor is not None else None
+        def move(tensor):  # without blocking: the host never waits for the device's queue to copy a batch in
+            return tensor.to(device, non_blocking=True) if tensor is not None else None
 
-        return MicroBatch(self.ids_BL.to(device), self.attn_BL.to(device), self.first_target, self.mask_BT.to(device),
+        return MicroBatch(move(self.ids_BL), move(self.attn_BL), self.first_target, move(self.mask_BT),
                           self.teacher.to(device) if self.teacher is not None else None,
                           move(self.base_logprobs_BT), move(self.correct_B), self.rows_B)
 
@@ -119,7 +119,9 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
     # FSDP2 needs the same number of forwards and backwards on every rank: pad with empty micro-batches
     count = int(dist.all_reduce([len(micro_batches)], "max")[0])
     micro_batches = list(micro_batches) + [_empty(micro_batches[0])] * (count - len(micro_batches))
-    total_loss, total_tokens, metric_sums = 0.0, 0, {}
+    # the step's sums stay on the device and are read back once, at its end: a float() a micro-batch
+    # would make the host wait for the device's queue every time
+    loss_sum, token_sum, metric_sums = 0.0, 0.0, {}
     # FSDP2 averages gradients over ranks, but each rank's loss is already a share of the global loss
     # (divided by the global normaliser): scaling by the world size makes the average the sum
     scale = dist.world_size() if dist.is_sharded(model) else 1
@@ -133,17 +135,19 @@ def update(policy: Policy, optimizer, scheduler, micro_batches: list[MicroBatch]
         micro = on_device
         output = loss_fn(head, micro, normalizer)
         (output.loss * scale).backward()
-        total_loss += float(output.loss.detach())
-        tokens = int(micro.mask_BT.sum())
-        total_tokens += tokens
+        tokens = micro.mask_BT.sum().double()
+        loss_sum, token_sum = loss_sum + output.loss.detach().double(), token_sum + tokens
         for key, value in output.metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + value * tokens
-    keys = sorted(metric_sums)
-    reduced = dist.all_reduce([total_loss, total_tokens] + [metric_sums[k] for k in keys])
-    total_loss, total_tokens = reduced[0], reduced[1]
-    metrics = {key: value / max(total_tokens, 1) for key, value in zip(keys, reduced[2:])}
+            weighted = torch.as_tensor(value, device=tokens.device).double() * tokens
+            metric_sums[key] = metric_sums.get(key, 0.0) + weighted
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    keys = sorted(metric_sums)
+    sums = [torch.as_tensor(v, dtype=torch.float64, device=grad_norm.device) for v in [loss_sum, token_sum]
+            + [metric_sums[k] for k in keys]]
+    *values, grad_norm = torch.stack(sums + [grad_norm.double()]).tolist()  # the step's one read-back
+    total_loss, total_tokens, *reduced = dist.all_reduce(values)
+    metrics = {key: value / max(total_tokens, 1) for key, value in zip(keys, reduced)}
     if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(total_loss, grad_norm, metrics, stepped=False)
