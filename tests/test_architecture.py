@@ -19,7 +19,7 @@ ALLOWED = {
     "teacher": {"training", "rollout"},
     "eval": {"data", "training"},
     "tracking": set(),
-    "stages": {"config", "data", "training", "rollout", "teacher", "eval", "tracking", "results"},
+    "stages": {"config", "data", "training", "rollout", "teacher", "eval", "tracking", "results", "plan"},
     "experiment": {"config", "stages", "tracking", "training"},
     "plan": {"config", "training", "teacher"},
     "results": {"config", "tracking"},

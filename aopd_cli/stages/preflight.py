@@ -167,12 +167,46 @@ def preflight_all(configs: dict) -> None:
             check_benchmarks(config)
             check_local_data(config)
         check_output(config, training=False)
+        check_served_teacher(config)
     first = next(iter(configs.values()), None)
     if first is not None:
         check_tracking(first)
 
 
+def check_served_teacher(config) -> None:
+    """A teacher server aopd would start itself (`teacher.engine=server`, no `teacher.url`) inherits this
+    process's GPUs: it runs on the first `teacher.tensor_parallel_size` of them, beside the trainer's ranks,
+    with `teacher.gpu_memory_utilization` of each. One line, before any work, when the teacher's weights
+    cannot fit there (the planner's shapes: a local config.json or a known hub id)."""
+    teacher = getattr(config, "teacher", None)
+    if teacher is None or teacher.engine != "server" or teacher.url:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from aopd_cli.plan.shapes import GIB, shape_of
+
+    shape = shape_of(teacher)
+    if shape is None:
+        return
+    share = teacher.gpu_memory_utilization * torch.cuda.get_device_properties(0).total_memory
+    bytes_per = 4 if teacher.dtype == "float32" else 2
+    weights = bytes_per * shape.params / teacher.tensor_parallel_size
+    if weights > 0.9 * share:  # vLLM needs room beside the weights for activations and some KV cache
+        tp = max(2, teacher.tensor_parallel_size)
+        while tp < 8 and bytes_per * shape.params / tp > 0.8 * torch.cuda.get_device_properties(0).total_memory:
+            tp *= 2
+        raise UserError(
+            f"teacher.engine=server with no teacher.url starts {teacher.path} on this machine's GPU 0 beside the "
+            f"trainer, with teacher.gpu_memory_utilization={teacher.gpu_memory_utilization:g} of it "
+            f"({share / GIB:.0f} GiB), and its weights alone take {weights / GIB:.0f} GiB a GPU: serve it on GPUs of "
+            f"its own (e.g. CUDA_VISIBLE_DEVICES=4,5,6,7 aopd teacher serve teacher.path={teacher.path} "
+            f"--tensor-parallel-size {tp} --port 8100), train on the others and set teacher.url=http://127.0.0.1:8100")
+
+
 def preflight(config) -> None:
+    check_served_teacher(config)
     check_inputs(config)
     check_benchmarks(config)
     check_output(config, training=config.stage != "eval")
