@@ -106,7 +106,7 @@ def test_tau_zero_gates_exactly_the_non_positive_advantages():
     out = aopd_loss(s, tok, mask, teacher, tau=0.0)
     _, s_tok, adv, s_sup = reference_terms(s, tok, teacher, t_logp)
     gate = adv <= 0
-    assert out.metrics["intervention_ratio"] == pytest.approx(gate[mask].double().mean().item())
+    assert float(out.metrics["intervention_ratio"]) == pytest.approx(gate[mask].double().mean().item())
     fkl = (teacher.topk_logprobs.exp() * (teacher.topk_logprobs - s_sup)).sum(-1) / 4
     ref = torch.where(gate, fkl, -adv * s_tok)
     assert torch.allclose(out.loss, seq_mean(ref, mask))
@@ -251,7 +251,7 @@ def test_accuracy_intervention_only_guides_wrong_trajectories():
     correct = torch.tensor([True, False, True])
     out = aopd_loss(s, tok, mask, teacher, tau=1.0, intervention="accuracy", correct=correct)
     # tau = 1 gates everything, so the ratio is the share of counted tokens in wrong trajectories
-    assert out.metrics["intervention_ratio"] == pytest.approx(mask[1].sum().item() / mask.sum().item())
+    assert float(out.metrics["intervention_ratio"]) == pytest.approx(mask[1].sum().item() / mask.sum().item())
     with pytest.raises(ValueError, match="correct"):
         aopd_loss(s, tok, mask, teacher, intervention="accuracy")
 
@@ -260,7 +260,7 @@ def test_zero_intervention_gates_near_zero_advantages():
     s, tok, mask, teacher, t_logp = make_case(B=4, T=16, seed=9)
     _, _, adv, _ = reference_terms(s, tok, teacher, t_logp)
     out = aopd_loss(s, tok, mask, teacher, intervention="zero", zero_eps=0.5)
-    assert out.metrics["intervention_ratio"] == pytest.approx((adv[mask].abs() <= 0.5).double().mean().item())
+    assert float(out.metrics["intervention_ratio"]) == pytest.approx((adv[mask].abs() <= 0.5).double().mean().item())
 
 
 @pytest.mark.parametrize("objective", ["opd", "aopd", "gkd", "seqkd"])
@@ -285,4 +285,4 @@ def test_lmhead_path_matches_logits_path(objective):
     assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-7)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)
-    assert out.metrics["entropy"] == pytest.approx(ref.metrics["entropy"], rel=1e-5)
+    assert float(out.metrics["entropy"]) == pytest.approx(float(ref.metrics["entropy"]), rel=1e-5)
