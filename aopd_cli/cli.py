@@ -35,6 +35,10 @@ app = typer.Typer(
 OVERRIDES = typer.Argument(None, help="Hydra-style overrides, e.g. objective=aopd objective.tau=0.5 train.steps=90")
 NPROC = typer.Option(1, "--nproc-per-node", min=1,
                      help="run under torchrun with this many processes (GPUs) on this node; FSDP2 shards the model")
+EXECUTOR = typer.Option("local", "--executor", help="local: one after another here; ray: each a Ray Job, side by "
+                        "side where there is room (pip install 'aopd-cli[cluster]')")
+ADDRESS = typer.Option(None, "--address", help="with --executor ray: the cluster (http://HEAD:8265, or auto); "
+                       "none: a Ray started on this machine for the command")
 STAGE_KEYS = "student.path, data.source, data.limit, train.steps, train.lr, train.batch_size, " \
     "train.micro_batch_size, eval.n, eval.k, seed, output_dir, resume, tracking.experiment"
 DISTILL_KEYS = "objective.tau, objective.beta, objective.top_k, teacher.path, rollout.n, " \
@@ -134,20 +138,25 @@ def evaluate(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = N
     "experiment=NAME, output_dir=DIR (root of the stage folders), STAGE.key=value (one stage), "
     "key=value (every stage that has the key)",
     "aopd pipeline experiment=lab_smoke",
-    "aopd pipeline experiment=paper_8b_3k --nproc-per-node 8"))
-def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC) -> None:
-    """Run an experiment's stages in order (experiment=NAME; default: the CPU lab).
+    "aopd pipeline experiment=paper_8b_3k --nproc-per-node 8",
+    "aopd pipeline --executor ray threads=1   # independent stages side by side"))
+def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = NPROC, executor: str = EXECUTOR,
+             address: Optional[str] = ADDRESS) -> None:
+    """Run an experiment's stages (experiment=NAME; default: the CPU lab), in order or as Ray Jobs.
 
     An override `key=value` goes to every stage that has the key; `STAGE.key=value` to one stage.
     Rerunning the same command skips the stages that finished and resumes the interrupted one."""
+    from aopd_cli.experiment.executors import check_executor
     from aopd_cli.experiment.pipeline import plan_pipeline, run_pipeline
     from aopd_cli.training import distributed
 
     with refusals():
+        executor = check_executor(executor)
         plan = plan_pipeline(list(overrides or []))
-        _relaunch("pipeline", overrides, nproc_per_node)
+        if executor == "local":  # on Ray each stage's job starts its own torchrun
+            _relaunch("pipeline", overrides, nproc_per_node)
         try:
-            run_pipeline(plan)
+            run_pipeline(plan, executor=executor, address=address, nproc=nproc_per_node)
         finally:
             distributed.shutdown()
 
@@ -157,18 +166,75 @@ def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = N
     "--param KEY=VALUES (tau, beta, top_k, intervention, zero_eps, lam, lmbda mean objective.KEY; "
     "any dotted key), --seeds N, then STAGE's own overrides",
     "aopd sweep distill --param tau=-1,0,1 --param beta=0.5,1 --seeds 3",
-    "aopd sweep pipeline experiment=ablation_tau --seeds 3"))
+    "aopd sweep pipeline experiment=ablation_tau --seeds 3",
+    "aopd sweep distill --param tau=-1,0 --executor ray --address auto --nproc-per-node 8 output_dir=/shared/x"))
 def sweep(
     stage: str = typer.Argument(..., help="warmup, distill, continual, eval or pipeline"),
     param: list[str] = typer.Option([], "--param", help="KEY=VALUES, e.g. tau=-1,0,1 or objective.beta=range(0,1,0.5)"),
     seeds: int = typer.Option(1, "--seeds", min=1, help="seeds per grid point (seed=0..N-1)"),
     overrides: Optional[list[str]] = OVERRIDES,
+    executor: str = EXECUTOR,
+    address: Optional[str] = ADDRESS,
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="with --executor ray: each child under "
+                                       "torchrun with this many processes (GPUs)"),
 ) -> None:
     """Run a grid of configurations (times seeds), one MLflow child run each; re-running resumes."""
+    from aopd_cli.experiment.executors import check_executor
     from aopd_cli.experiment.sweep import plan_sweep, run_sweep
 
     with refusals():
-        run_sweep(plan_sweep(stage, list(param), seeds, list(overrides or [])))
+        executor = check_executor(executor)
+        run_sweep(plan_sweep(stage, list(param), seeds, list(overrides or [])), executor=executor, address=address,
+                  nproc=nproc_per_node)
+
+
+@app.command("job", hidden=True)
+def job(spec: str = typer.Argument(..., help="a job's spec, as --executor ray writes it")) -> None:
+    """One stage of a pipeline or sweep, as its driver planned it (what a Ray Job runs)."""
+    from aopd_cli.experiment.job_spec import run_spec
+    from aopd_cli.training import distributed
+
+    with refusals():
+        try:
+            run_spec(spec)
+        finally:
+            distributed.shutdown()
+
+
+jobs_app = typer.Typer(help="Jobs of a sweep or pipeline run with --executor ray: status, logs, cancel.",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+GROUP = typer.Argument(..., help="a sweep's id (outputs/sweeps/ID), or a pipeline's output folder")
+CHILD = typer.Argument(None, help="one child: a sweep child's id, a pipeline stage's name, or a job id")
+
+
+@jobs_app.command("status")
+def jobs_status(group: str = GROUP, child: Optional[str] = CHILD) -> None:
+    """Each job's state: pending, running, finished, failed, cancelled (or not submitted)."""
+    from aopd_cli.experiment.watch import jobs_status as status
+
+    with refusals():
+        typer.echo(status(group, child))
+
+
+@jobs_app.command("logs")
+def jobs_logs(group: str = GROUP, child: str = typer.Argument(..., help="the child or job whose log to print"),
+              follow: bool = typer.Option(False, "--follow", "-f", help="keep printing as the job writes")) -> None:
+    """A job's output (its newest attempt)."""
+    from aopd_cli.experiment.watch import jobs_logs as logs
+
+    with refusals():
+        logs(group, child, follow)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(group: str = GROUP, child: Optional[str] = CHILD) -> None:
+    """Stop one child's jobs, or every job of the group: each stage checkpoints and ends its run KILLED; rerun
+    the sweep or pipeline to resume them."""
+    from aopd_cli.experiment.watch import jobs_cancel as cancel
+
+    with refusals():
+        cancel(group, child)
 
 
 @app.command(epilog=_epilog(

@@ -12,8 +12,7 @@ stage's config is composed and validated before the first stage starts. Command-
 from __future__ import annotations
 
 import json
-import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,29 +126,73 @@ def _accepts(stage: str, base: list[str], override: str) -> bool:
     return True
 
 
-def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = True) -> dict:
-    """Every stage in order under one parent run. Rerunning continues: finished stages (same config and
-    inputs) are skipped, an interrupted one resumes, and the parent run is the same."""
-    from rich.console import Console
+def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = True, executor: str = "local",
+                 address: str | None = None, nproc: int = 1) -> dict:
+    """Every stage under one parent run: in order in this process (`executor=local`), or each a Ray Job
+    that starts once the stages it reads from are done, with `nproc` processes under torchrun (default: the
+    experiment's `launch.gpus_per_node`). Rerunning continues: finished stages (same config and inputs) are
+    skipped, an interrupted one resumes, and the parent run is the same."""
+    from aopd_cli.experiment.executors import runner
+    from aopd_cli.stages.preflight import preflight_all
+    from aopd_cli.training import distributed as dist
 
+    first = next(iter(plan.configs.values()))
+    dist.init(first.dist_timeout_s)  # under torchrun: rank 0 alone holds the lock and the parent run
+    if check:  # every stage's inputs before any folder or run exists (a sweep checked its children already)
+        preflight_all(plan.configs)
+    nproc = nproc if nproc > 1 or executor == "local" else plan.experiment.launch.gpus_per_node or 1
+    with runner(executor, address) as run:
+        run.check(stage_jobs(plan, None, nproc=nproc))
+        with pipeline_run(plan, parent_run_id) as (parent, link):
+
+            def done(job, seconds: float) -> None:
+                parent.log_metrics({names.seconds(f"stage_{job.job_id}"): seconds})
+
+            timings = run.run(stage_jobs(plan, parent.run_id, nproc=nproc), group=pipeline_group(plan),
+                              root=plan.root, done=done)
+            return finish_pipeline(plan, parent, timings, link)
+
+
+def pipeline_group(plan: Plan) -> str:
+    """The pipeline's name among Ray jobs: its output folder (one pipeline a folder, the lock says)."""
+    import hashlib
+
+    return hashlib.sha256(str(plan.root.resolve()).encode()).hexdigest()[:12]
+
+
+def stage_jobs(plan: Plan, parent_run_id: str | None, prefix: str = "", child: str = "", nproc: int = 1) -> list:
+    """One job a stage, waiting for the stages whose checkpoints it reads (`key=@stage`); `nproc` processes
+    each, under torchrun (on Ray; the local executor runs where the command runs)."""
+    from aopd_cli.experiment.executors import Job
+
+    jobs = []
+    for stage in plan.experiment.stages:
+        config = plan.configs[stage.name]
+        sources = [o.partition("=@")[2] for o in stage.overrides if "=@" in o]
+        run_name = " ".join(filter(None, [stage.name, plan.label]))
+        jobs.append(Job(f"{prefix}{stage.name}", f"{plan.experiment.name}: {stage.name} ({config.stage})"
+                        + (f" {plan.label}" if plan.label else ""), config, parent_run_id, run_name,
+                        {**plan.extra_tags, **plan.stage_tags.get(stage.name, {}), "pipeline_stage": stage.name},
+                        after=[f"{prefix}{source}" for source in sources], nproc=nproc, child=child))
+    return jobs
+
+
+@contextmanager
+def pipeline_run(plan: Plan, parent_run_id: str | None):
+    """(parent run, its runs-table link) for the block: the pipeline's folder held by this process and its
+    parent run (resumed on a rerun), which ends FINISHED, or FAILED / KILLED as the block does."""
     from aopd_cli.progress import say
     from aopd_cli.stages.lifecycle import output_lock, read_record
-    from aopd_cli.stages.preflight import preflight_all
-    from aopd_cli.stages.runner import run_stage
     from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
     from aopd_cli.tracking.store import resume_run, start_run
     from aopd_cli.tracking.tracker import NullTracker, closing
     from aopd_cli.training import distributed as dist
 
-    dist.init()  # under torchrun: rank 0 alone holds the lock and the parent run
-    if check:  # every stage's inputs before any folder or run exists (a sweep checked its children already)
-        preflight_all(plan.configs)
-    console = Console()
     first = next(iter(plan.configs.values()))
     record_file = plan.root / "aopd_pipeline.json"
     name = " ".join(filter(None, [plan.experiment.name, plan.label]))
     with output_lock(plan.root) if dist.is_main() else nullcontext():
-        parent = NullTracker()
+        parent, link = NullTracker(), None
         if dist.is_main():
             record = read_record(record_file) or {}
             if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
@@ -159,32 +202,33 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
                                    tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
                                    parent_run_id=parent_run_id)
             record_file.write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": first.tracking.uri}))
-            link = None
             if parent.run_id and parent_run_id is None:  # (a sweep's child: the sweep's view lists it)
                 # the view is there from the start: the runs can be watched as they come
                 link = runs_link(first.tracking, table_columns(plan.configs.values()),
                                  f"tags.`mlflow.parentRunId` = '{parent.run_id}' and {TRAINING_ROWS}")
                 say(f"pipeline {name}: watch its runs with {link}")
-        results, timings = {}, {}
         with closing(parent):
-            for stage_name, config in plan.configs.items():
-                if dist.is_main():
-                    console.rule(f"[bold]{plan.experiment.name}: {stage_name} ({config.stage})")
-                started = time.perf_counter()
-                run_name = " ".join(filter(None, [stage_name, plan.label]))
-                results[stage_name] = run_stage(config, parent_run_id=parent.run_id, run_name=run_name,
-                                                tags={**plan.extra_tags, **plan.stage_tags.get(stage_name, {}),
-                                                      "pipeline_stage": stage_name})
-                timings[stage_name] = time.perf_counter() - started
-                parent.log_metrics({names.seconds(f"stage_{stage_name}"): timings[stage_name]})
-            report = comparison_report(plan.experiment, results, timings)
-            if dist.is_main():
-                console.print(report, highlight=False, soft_wrap=True, markup=False)
-                (plan.root / "comparison.md").write_text(report)
-                parent.log_artifact(plan.root / "comparison.md")
-                say(f"pipeline {name} done: {plan.root}" + (f", MLflow run {parent.run_id}" if parent.run_id else "")
-                    + (f"; see the runs with {link}" if link else ""))
-            return results
+            yield parent, link
+
+
+def finish_pipeline(plan: Plan, parent, timings: dict[str, float], link: str | None = None) -> dict:
+    """The stages' results (checkpoints, metrics) as their folders record them, and the comparison report."""
+    from rich.console import Console
+
+    from aopd_cli.progress import say
+    from aopd_cli.stages.lifecycle import finished_result
+    from aopd_cli.training import distributed as dist
+
+    results = {name: finished_result(config) for name, config in plan.configs.items()}
+    report = comparison_report(plan.experiment, results, timings)
+    if dist.is_main():
+        Console().print(report, highlight=False, soft_wrap=True, markup=False)
+        (plan.root / "comparison.md").write_text(report)
+        parent.log_artifact(plan.root / "comparison.md")
+        name = " ".join(filter(None, [plan.experiment.name, plan.label]))
+        say(f"pipeline {name} done: {plan.root}" + (f", MLflow run {parent.run_id}" if parent.run_id else "")
+            + (f"; see the runs with {link}" if link else ""))
+    return results
 
 
 def comparison_report(experiment: Experiment, results: dict, timings: dict[str, float]) -> str:

@@ -43,6 +43,7 @@ class SweepPlan:
     tracking: object
     command: str
     experiment_text: str = ""  # a pipeline sweep's experiment file, as it was at the start
+    root: Path = Path("outputs/sweeps")  # the children's folders are under it
 
 
 def expand(params: list[str]) -> list[dict[str, str]]:
@@ -134,7 +135,9 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
     probes = [_target(stage, overrides, {**point, "seed": "0"}, Path("outputs/sweeps/probe")) for point in expand(params)]
     inputs = json.dumps([external_fingerprints(_configs(stage, [probe])) for probe in probes], sort_keys=True)
     sweep_id = hashlib.sha256((command + _definitions_digest(stage, overrides) + inputs).encode()).hexdigest()[:12]
-    root = Path("outputs") / "sweeps" / sweep_id
+    # `output_dir=DIR` places the sweep (DIR/sweeps/ID; a cluster's nodes need it on a file system they share)
+    root = Path(next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("output_dir=")), "outputs"))
+    root = root / "sweeps" / sweep_id
     children = []
     for point in expand(params):
         for seed in range(seeds):
@@ -146,23 +149,53 @@ def plan_sweep(stage: str, params: list[str], seeds: int, overrides: list[str]) 
     tracking = next(iter(first.configs.values())).tracking if stage == "pipeline" else first.tracking
     # the experiment as it was when the sweep ran: the report reads this, not the file as it is later
     text = _experiment_file(overrides).read_text() if stage == "pipeline" else ""
-    return SweepPlan(stage, sweep_id, children, tracking, command, text)
+    return SweepPlan(stage, sweep_id, children, tracking, command, text, root)
 
 
-def run_sweep(plan: SweepPlan) -> None:
-    from rich.console import Console
+def run_sweep(plan: SweepPlan, executor: str = "local", address: str | None = None, nproc: int = 1) -> None:
+    """The children not finished yet, under the sweep's parent run: one after another in this process, or as
+    Ray Jobs side by side (`executor=ray`; a pipeline child's stages are jobs of their own). `nproc`: each
+    stage child under torchrun with that many processes (GPUs), Ray only."""
+    from aopd_cli.experiment.executors import runner
 
-    from aopd_cli.errors import Interrupted
-    from aopd_cli.experiment.pipeline import run_pipeline
-    from aopd_cli.stages.runner import run_stage
-    from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
-    from aopd_cli.tracking.store import find_runs, resume_run, start_run
-
-    console = Console()
+    if nproc > 1 and executor != "ray":
+        raise ConfigError(f"--nproc-per-node {nproc} on a sweep starts each child under torchrun as a Ray job: add "
+                          "--executor ray (or run a child alone: aopd STAGE ... --nproc-per-node N)")
     # every child's inputs before the sweep's run exists: a refused sweep leaves no run behind
     configs = _configs(plan.stage, [c.target for c in plan.children])
     preflight_all({f"{i}": config for i, config in enumerate(configs)} if plan.stage != "pipeline" else
                   {f"{c.child_id}.{name}": config for c in plan.children for name, config in c.target.configs.items()})
+    with runner(executor, address) as run:  # the cluster answers, and can run every child, before any run exists
+        run.check(_jobs(plan, plan.children, None, nproc))
+        _run_children(plan, run, executor == "ray", nproc)
+
+
+def _jobs(plan: SweepPlan, children: list[Child], parent_run_id: str | None, nproc: int) -> list:
+    """A job a child (a stage sweep), or one a stage of each child (a pipeline sweep)."""
+    from aopd_cli.experiment.executors import Job
+    from aopd_cli.experiment.pipeline import stage_jobs
+
+    if plan.stage == "pipeline":
+        return [job for c in children for job in stage_jobs(c.target, parent_run_id, prefix=f"{c.child_id}-",
+                                                            child=c.child_id,
+                                                            nproc=c.target.experiment.launch.gpus_per_node or 1)]
+    return [Job(child.child_id, f"[{number}/{len(children)}] {point_label(child.values)}", child.target,
+                parent_run_id, " ".join(filter(None, [plan.stage, getattr(getattr(child.target, "objective", None),
+                                                                               "name", ""), point_label(child.values)])),
+                child.tags, nproc=nproc) for number, child in enumerate(children, 1)]
+
+
+def _run_children(plan: SweepPlan, jobs_runner, on_ray: bool, nproc: int) -> None:
+    """The sweep's parent run (resumed on a rerun), its children not finished yet, and its end."""
+    from rich.console import Console
+
+    from aopd_cli.errors import Interrupted
+    from aopd_cli.experiment.pipeline import run_pipeline
+    from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
+    from aopd_cli.tracking.store import find_runs, resume_run, start_run
+
+    console = Console()
+    configs = _configs(plan.stage, [c.target for c in plan.children])
     experiment, uri = plan.tracking.experiment, plan.tracking.uri
     parents = find_runs(uri, experiment, f"tags.sweep_parent = '{plan.sweep_id}'")
     parent = resume_run(plan.tracking, parents[0].info.run_id) if parents else start_run(
@@ -177,21 +210,21 @@ def run_sweep(plan: SweepPlan) -> None:
     finished = {run.data.tags.get("sweep_child") for run in find_runs(
         uri, experiment, f"tags.sweep_id = '{plan.sweep_id}' and attributes.status = 'FINISHED'")
         if run.data.tags.get("mlflow.parentRunId") == parent.run_id}
-    done = len(finished & {child.child_id for child in plan.children})
-    console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {done} already done")
+    todo = [child for child in plan.children if child.child_id not in finished]
+    console.print(f"[bold]sweep {plan.sweep_id}[/]: {len(plan.children)} runs, {len(plan.children) - len(todo)} "
+                  "already done")
+    for number, child in enumerate(plan.children, 1):
+        if child not in todo:
+            console.print(f"[{number}/{len(plan.children)}] {point_label(child.values)}: done before, skipped")
     try:
-        for number, child in enumerate(plan.children, 1):
-            label = point_label(child.values)
-            if child.child_id in finished:
-                console.print(f"[{number}/{len(plan.children)}] {label}: done before, skipped")
-                continue
-            console.rule(f"[{number}/{len(plan.children)}] {label}")
-            if plan.stage == "pipeline":  # the plan carries the tags to the pipeline run and its stages
+        if plan.stage == "pipeline" and on_ray:
+            _pipelines_on_ray(plan, todo, parent.run_id, jobs_runner)
+        elif plan.stage == "pipeline":
+            for number, child in enumerate(todo, 1):
+                console.rule(f"[{number}/{len(todo)}] {point_label(child.values)}")
                 run_pipeline(child.target, parent_run_id=parent.run_id, check=False)
-            else:
-                name = " ".join(filter(None, [plan.stage, getattr(getattr(child.target, "objective", None), "name", ""),
-                                              label]))
-                run_stage(child.target, parent_run_id=parent.run_id, run_name=name, tags=child.tags)
+        else:
+            jobs_runner.run(_jobs(plan, todo, parent.run_id, nproc), group=plan.sweep_id, root=plan.root)
     except (KeyboardInterrupt, Interrupted):
         parent.close("KILLED")
         console.print("[bold yellow]sweep interrupted[/]: run the same command again to resume "
@@ -207,3 +240,30 @@ def run_sweep(plan: SweepPlan) -> None:
     # soft_wrap: a command cut across lines cannot be pasted
     console.print(f"[bold green]sweep {plan.sweep_id} done[/]: compare with `aopd compare --parent {parent.run_id}`; "
                   f"see the runs with {link}", soft_wrap=True, highlight=False)
+
+
+def _pipelines_on_ray(plan: SweepPlan, children: list[Child], parent_run_id: str | None, jobs_runner) -> None:
+    """Every stage of every pipeline child a Ray job, each child under its pipeline run as `aopd pipeline` has
+    it. A shared stage (the lab's warm-ups, the same in every child) is trained by the first child that has it:
+    the others' copies wait for it, then find it cached."""
+    from contextlib import ExitStack
+
+    from aopd_cli.experiment.pipeline import finish_pipeline, pipeline_run, stage_jobs
+
+    with ExitStack() as stack:
+        runs = {c.child_id: stack.enter_context(pipeline_run(c.target, parent_run_id)) for c in children}
+        jobs, first_of = [], {}
+        for c in children:
+            nproc = c.target.experiment.launch.gpus_per_node or 1
+            for stage, job in zip(c.target.experiment.stages, stage_jobs(c.target, runs[c.child_id][0].run_id,
+                                                                           prefix=f"{c.child_id}-", child=c.child_id,
+                                                                           nproc=nproc)):
+                if stage.shared:
+                    job.after += [first_of[stage.name]] if stage.name in first_of else []
+                    first_of.setdefault(stage.name, job.job_id)
+                jobs.append(job)
+        timings = jobs_runner.run(jobs, group=plan.sweep_id, root=plan.root)
+        for c in children:
+            own = {job_id.removeprefix(f"{c.child_id}-"): t for job_id, t in timings.items()
+                   if job_id.startswith(f"{c.child_id}-")}
+            finish_pipeline(c.target, runs[c.child_id][0], own, runs[c.child_id][1])
