@@ -81,12 +81,20 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 def input_fingerprints(config) -> dict[str, str]:
     """What the stage reads, by key: its model folders (file names, sizes and times: checkpoints are large)
-    and the content of every data and benchmark file (`hub` for a hub dataset, read by name)."""
+    and the content of every chat template, data and benchmark file (`hub` for a hub dataset, read by name)."""
     from aopd_cli.config.paths import data_sources
     from aopd_cli.data.loaders import source_files
 
+    from aopd_cli.data.prompts import CHAT_TEMPLATES
+
     found = {f"{role}.path={model.path}": fingerprint(model.path) for role in ("student", "teacher", "base")
              if (model := getattr(config, role, None)) is not None and model.path}
+    for role in ("student", "teacher", "base"):  # a Jinja file named by `*.chat_template`: its content
+        model = getattr(config, role, None)
+        if model is not None and model.chat_template and model.chat_template not in CHAT_TEMPLATES:
+            template = Path(model.chat_template).expanduser()
+            found[f"{role}.chat_template={model.chat_template}"] = \
+                content_fingerprint([template]) if template.is_file() else "absent"
     for key, source, kind, split in data_sources(config):
         files = source_files(kind, source, split)
         found[f"{key}={source}"] = "hub" if files is None else content_fingerprint(files)

@@ -49,7 +49,7 @@ def cache_key(config) -> str:
         content["student"]["path"] = Path(start).resolve().name
     # the content of its data, not only their names: an edited conversations file is another warm-up
     data = {key: fingerprint for key, fingerprint in input_fingerprints(config).items() if not key.startswith("eval.")
-            and not key.startswith("student.")}
+            and not key.startswith("student.path")}
     blob = json.dumps([content, data, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

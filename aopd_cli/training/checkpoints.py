@@ -305,16 +305,28 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
+def _read_header(path: Path) -> tuple[int, dict] | None:
+    """(header length, the JSON header: names, dtypes, shapes, offsets) of a safetensors file, or None."""
     try:
         with open(path, "rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size:
-                return f"{path}: truncated or not a safetensors file"
-            header = json.loads(handle.read(header_len))
+            if header_len > path.stat().st_size:
+                return None
+            return header_len, json.loads(handle.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def safetensors_header(path: Path) -> dict:
+    read = _read_header(path)
+    return {} if read is None else read[1]
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size, read = path.stat().st_size, _read_header(path)
+    if read is None:
         return f"{path}: truncated or not a safetensors file"
+    header_len, header = read
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         return f"{path}: truncated ({size} bytes, the header says {8 + header_len + end})"
