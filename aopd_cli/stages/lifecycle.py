@@ -188,21 +188,25 @@ def output_lock(out_dir: Path):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
-    handle = open(path, "a+")
+    handle = open(path, "a+b")  # bytes: a lock damaged by a crash or a disk error need not be text
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read().decode(errors="replace").strip() or "another process"
         handle.close()
         raise UserError(f"output_dir={out_dir} is in use by {holder}; wait for it, or choose another output_dir")
     handle.seek(0)
-    previous = handle.read().strip()
-    if previous:
-        print(f"aopd: warning: taking over {path} from {previous}, which is no longer running")
+    previous = handle.read()
+    try:
+        if previous.strip():
+            print(f"aopd: warning: taking over {path} from {previous.decode().strip()}, which is no longer running")
+    except UnicodeDecodeError:
+        print(f"aopd: warning: {path} is damaged ({len(previous)} bytes that are not text, as a crash or a disk error "
+              "leaves them); no process holds it: taking it over")
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     handle.flush()
     try:
         yield
