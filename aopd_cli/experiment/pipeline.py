@@ -133,7 +133,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
     from rich.console import Console
 
     from aopd_cli.progress import say
-    from aopd_cli.stages.lifecycle import output_lock, read_record
+    from aopd_cli.stages.lifecycle import end_earlier_run, output_lock, read_record
     from aopd_cli.stages.preflight import preflight_all
     from aopd_cli.stages.runner import run_stage
     from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
@@ -154,6 +154,8 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
             record = read_record(record_file) or {}
             if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
                 parent = resume_run(first.tracking, record["run_id"]) or NullTracker()
+            elif record.get("run_id"):  # continued in another store: ended in its own
+                end_earlier_run(record, plan.root, continued_in=first.tracking.uri or "the default store")
             if parent.run_id is None:
                 parent = start_run(first.tracking, run_name=name,
                                    tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},

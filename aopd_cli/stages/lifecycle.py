@@ -234,15 +234,38 @@ def _newest(out_dir: Path) -> tuple[Path | None, int]:
     return (steps[-1][1], steps[-1][0]) if steps else (None, 0)
 
 
+def end_earlier_run(record: dict, out_dir: Path, continued_in: str = "") -> None:
+    """The folder's earlier MLflow run, which this run does not continue in its store: sent what its backlog
+    queued and marked KILLED there (the store it was recorded in, maybe not this run's). A store that does not
+    answer is named in a warning; when this run goes on in another store (`continued_in`), the earlier run's
+    queued records are moved aside (the new run's backlog is its own), for `aopd sync` once it answers."""
+    from aopd_cli.tracking.store import DEFAULT_URI, end_run
+    from aopd_cli.tracking.tracker import BACKLOG_FILE
+
+    run_id, backlog, where = record["run_id"], out_dir / BACKLOG_FILE, record.get("tracking_uri") or DEFAULT_URI
+    problem = end_run(where, run_id, backlog=backlog,
+                      tags={"aopd.continued_in": continued_in} if continued_in else None)
+    if problem is None:
+        if continued_in:
+            say(f"the earlier run {run_id} in {where} is marked KILLED: this run continues in {continued_in}")
+        return
+    kept = ""
+    if continued_in and backlog.is_file():
+        aside = out_dir / f"backlog-{run_id[:8]}"
+        aside.mkdir(exist_ok=True)
+        backlog.rename(aside / BACKLOG_FILE)
+        kept = f"; its queued records are kept in {aside}: `aopd sync {aside} --tracking-uri {where}` sends them"
+    say(f"warning: cannot mark the earlier run {run_id} in {where} as ended ({problem}): it shows RUNNING there"
+        + kept)
+
+
 def _decide(config, out_dir: Path, ident: str, inputs: dict[str, str]) -> tuple[dict | None, Path | None, int]:
     """(the earlier run's record to continue, resume point, steps done), archiving what is not continued."""
     record = read_record(out_dir / RUN_FILE)
     earlier = record is not None or step_dirs(out_dir) or (out_dir / "checkpoint").exists()
     if earlier and (config.resume == "never" or (record or {}).get("identity") != ident):
         if record and record.get("run_id"):
-            from aopd_cli.tracking.store import mark_run
-
-            mark_run(config.tracking, record["run_id"], "KILLED")
+            end_earlier_run(record, out_dir)
         _archive(out_dir, "resume=never" if config.resume == "never" else what_changed(record, config, inputs))
         return None, None, 0
     resume_from, step = _newest(out_dir)
@@ -252,7 +275,7 @@ def _decide(config, out_dir: Path, ident: str, inputs: dict[str, str]) -> tuple[
 @contextmanager
 def stage_session(config, *, run_name: str | None, parent_run_id: str | None, tags: dict[str, str] | None = None):
     from aopd_cli.config.compose import flatten, to_yaml
-    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.store import DEFAULT_URI, resume_run, start_run
     from aopd_cli.tracking.tracker import BACKLOG_FILE, NullTracker, closing
 
     out_dir, inputs = Path(config.output_dir), input_fingerprints(config)
@@ -268,6 +291,9 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
         tracker = None
         if dist.is_main() and record and record.get("run_id") and record.get("tracking_uri") == config.tracking.uri:
             tracker = resume_run(config.tracking, record["run_id"], backlog=out_dir / BACKLOG_FILE)
+        elif dist.is_main() and record and record.get("run_id"):  # continued in another store: ended in its own
+            end_earlier_run(record, out_dir, continued_in=config.tracking.uri or DEFAULT_URI
+                            if config.tracking.enabled else "no store (tracking.enabled=false)")
         resumed = tracker is not None
         if tracker is None and dist.is_main():
             all_tags = {**(tags or {}), "stage": config.stage, "seed": str(config.seed),

@@ -150,13 +150,38 @@ def resume_run(tracking, run_id: str, *, backlog: Path | None = None) -> Tracker
     return MlflowTracker(client, run_id, backlog, logged)
 
 
-def mark_run(tracking, run_id: str, status: str) -> None:
-    """Close a run left RUNNING by a killed process (KILLED), when it is not resumed."""
-    if tracking.enabled:
+def end_run(uri: str | None, run_id: str, *, backlog: Path | None = None, tags: dict[str, str] | None = None
+            ) -> str | None:
+    """Close a run that is not continued in store `uri` (left RUNNING by a killed process, or continued in
+    another store) as KILLED, after sending it what `backlog` queued: why that could not be done (the store
+    does not answer, or its file is gone), or None (done, or the run is not in that store)."""
+    uri = absolute(uri or DEFAULT_URI)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "its file is gone"  # connecting would make an empty store there
+    try:
+        client = connect(uri)
+        if backlog is not None and backlog.is_file() and send_backlog(client, backlog) is None:
+            return "it does not take the run's queued records"
+    except UserError:
+        return "it does not answer"
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, or never in this store: nothing to close
+        return None
+    if run.info.status == "RUNNING":
         try:
-            connect(tracking.uri).set_terminated(run_id, status=status)
-        except Exception:  # noqa: BLE001 - not in this store: nothing to mark
-            pass
+            for key, value in (tags or {}).items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status="KILLED")
+        except Exception as err:  # noqa: BLE001 - a store that answers reads but cannot write (a full disk)
+            return f"{type(err).__name__}: {_first_line(err)}"
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    """The line of an MLflow or SQLAlchemy error that says what went wrong (not the SQL, not the advice)."""
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith(("[SQL", "[param", "(Back"))]
+    return next((line for line in lines if "Error)" in line), lines[0] if lines else type(err).__name__)[:200]
 
 
 def git_commit() -> str | None:
