@@ -137,7 +137,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
     from aopd_cli.stages.preflight import preflight_all
     from aopd_cli.stages.runner import run_stage
     from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
-    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.store import DEFAULT_URI, resume_run, start_run
     from aopd_cli.tracking.tracker import NullTracker, closing
     from aopd_cli.training import distributed as dist
 
@@ -155,7 +155,7 @@ def run_pipeline(plan: Plan, parent_run_id: str | None = None, check: bool = Tru
             if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
                 parent = resume_run(first.tracking, record["run_id"]) or NullTracker()
             elif record.get("run_id"):  # continued in another store: ended in its own
-                end_earlier_run(record, plan.root, continued_in=first.tracking.uri or "the default store")
+                end_earlier_run(record, plan.root, continued_in=first.tracking.uri or DEFAULT_URI)
             if parent.run_id is None:
                 parent = start_run(first.tracking, run_name=name,
                                    tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},
