@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aopd_cli.config.paths import input_problem, local_inputs, names_a_path
 from aopd_cli.errors import ConfigError, UserError
-from aopd_cli.training.checkpoints import checkpoint_problem
+from aopd_cli.training.checkpoints import checkpoint_problem, human_size
 
 
 def check_inputs(config) -> None:
@@ -135,12 +135,8 @@ def check_output(config, training: bool) -> None:
     if training:
         needed, free = checkpoint_bytes(config), shutil.disk_usage(ancestor).free
         if needed > free:
-            raise UserError(f"output_dir={config.output_dir}: {_size(free)} free on its disk, one checkpoint needs about "
-                            f"{_size(needed)}")
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+            raise UserError(f"output_dir={config.output_dir}: {human_size(free)} free on its disk, one checkpoint needs "
+                            f"about {human_size(needed)}")
 
 
 def check_tracking(config) -> None:
