@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aopd_cli.errors import UserError
-from aopd_cli.tracking.tracker import BACKLOG_FILE, MAX_TAG, MlflowTracker, NullTracker, Tracker, send_backlog
+from aopd_cli.tracking.tracker import (
+    BACKLOG_FILE,
+    MAX_TAG,
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    error_line,
+    send_backlog,
+)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CREATION_RETRIES = 30  # seconds a first run waits for another process creating the same SQLite store
@@ -34,6 +42,8 @@ def _quiet() -> None:
 
     for name in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs each failed write with its traceback before raising it; aopd says what failed, in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -128,7 +138,11 @@ def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: s
         all_tags["git_commit"] = commit
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(client, tracking.experiment), tags=all_tags, run_name=run_name)
+    try:
+        run = client.create_run(experiment_id(client, tracking.experiment), tags=all_tags, run_name=run_name)
+    except Exception as err:  # noqa: BLE001 - it answered the check but cannot write (a full disk, read-only)
+        raise UserError(f"tracking store {tracking.uri or DEFAULT_URI!r} cannot start a run ({error_line(err)}); make "
+                        "room there, set tracking.uri to another store, or set tracking.enabled=false") from None
     return MlflowTracker(client, run.info.run_id, backlog)
 
 
@@ -174,14 +188,8 @@ def end_run(uri: str | None, run_id: str, *, backlog: Path | None = None, tags: 
                 client.set_tag(run_id, key, value)
             client.set_terminated(run_id, status="KILLED")
         except Exception as err:  # noqa: BLE001 - a store that answers reads but cannot write (a full disk)
-            return f"{type(err).__name__}: {_first_line(err)}"
+            return error_line(err)
     return None
-
-
-def _first_line(err: Exception) -> str:
-    """The line of an MLflow or SQLAlchemy error that says what went wrong (not the SQL, not the advice)."""
-    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith(("[SQL", "[param", "(Back"))]
-    return next((line for line in lines if "Error)" in line), lines[0] if lines else type(err).__name__)[:200]
 
 
 def git_commit() -> str | None:
