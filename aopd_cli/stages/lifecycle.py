@@ -167,13 +167,15 @@ def read_record(path: Path) -> dict | None:
 def finished_result(config):
     """The result of a finished run of this very configuration in its output folder, else None."""
     from aopd_cli.training.checkpoints import checkpoint_problem
+    from aopd_cli.training.sealed import seal_problem
 
     done = read_record(Path(config.output_dir) / DONE_FILE)
     if done is None or done.get("identity") != identity(config):
         return None
     result = done["result"]
-    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared)
-        return None if checkpoint_problem(Path(result)) else Path(result)
+    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared, or edited)
+        path = Path(result)
+        return None if checkpoint_problem(path) or (path.is_symlink() and seal_problem(path)) else path
     return result
 
 

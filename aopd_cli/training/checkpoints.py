@@ -86,16 +86,18 @@ def step_dirs(out_dir: Path, *, say_damaged: bool = False) -> list[tuple[int, Pa
     return sorted(found)
 
 
-def _manifest(folder: Path) -> dict[str, list]:
-    """Relative path -> [size, sha256 or None] of every file in a step folder (checksums of files under
-    CHECKSUM_BELOW bytes: the trainer states, DCP's metadata; the weight shards are checked by size)."""
+def manifest(folder: Path, skip: str = META_FILE, times: bool = False) -> dict[str, list]:
+    """Relative path -> [size, sha256 or None] of every file in a folder but `skip` (checksums of files under
+    CHECKSUM_BELOW bytes: the trainer states, DCP's metadata, configs and tokenizers; the weight shards are
+    checked by size, and with `times` by modification time too)."""
     import hashlib
 
     entries = {}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE):
-        size = file.stat().st_size
-        digest = hashlib.sha256(file.read_bytes()).hexdigest() if size < CHECKSUM_BELOW else None
-        entries[str(file.relative_to(folder))] = [size, digest]
+    for file in sorted(p for p in Path(folder).resolve().rglob("*") if p.is_file() and p.name != skip):
+        stat = file.stat()
+        digest = hashlib.sha256(file.read_bytes()).hexdigest() if stat.st_size < CHECKSUM_BELOW else None
+        entries[str(file.relative_to(Path(folder).resolve()))] = [stat.st_size, digest] + \
+            ([stat.st_mtime_ns] if times and digest is None else [])
     return entries
 
 
@@ -142,7 +144,7 @@ def save_step(out_dir: Path, step: int, model, optimizer, scheduler, *, sampler:
     if dist.is_main():
         with _no_room(staging, needed):
             (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(),
-                                                         "files": _manifest(staging)}))
+                                                         "files": manifest(staging)}))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for _, old in step_dirs(out_dir)[:-keep_last]:
