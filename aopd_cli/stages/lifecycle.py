@@ -84,14 +84,14 @@ def input_fingerprints(config) -> dict[str, str]:
     and the content of every chat template, data and benchmark file (`hub` for a hub dataset, read by name)."""
     from aopd_cli.config.paths import data_sources
     from aopd_cli.data.loaders import source_files
-
     from aopd_cli.data.prompts import CHAT_TEMPLATES
 
-    found = {f"{role}.path={model.path}": fingerprint(model.path) for role in ("student", "teacher", "base")
-             if (model := getattr(config, role, None)) is not None and model.path}
-    for role in ("student", "teacher", "base"):  # a Jinja file named by `*.chat_template`: its content
+    found = {}
+    for role in ("student", "teacher", "base"):
         model = getattr(config, role, None)
-        if model is not None and model.chat_template and model.chat_template not in CHAT_TEMPLATES:
+        if model is not None and model.path:
+            found[f"{role}.path={model.path}"] = fingerprint(model.path)
+        if model is not None and model.chat_template and model.chat_template not in CHAT_TEMPLATES:  # a Jinja file
             template = Path(model.chat_template).expanduser()
             found[f"{role}.chat_template={model.chat_template}"] = \
                 content_fingerprint([template]) if template.is_file() else "absent"

@@ -138,8 +138,8 @@ def check_output(config, training: bool) -> None:
     if training:
         needed, free = checkpoint_bytes(config), shutil.disk_usage(ancestor).free
         if needed > free:
-            raise UserError(f"output_dir={config.output_dir}: {human_size(free)} free on its disk, one checkpoint needs "
-                            f"about {human_size(needed)}")
+            raise UserError(f"output_dir={config.output_dir}: {human_size(free)} free on its disk, one checkpoint "
+                            f"needs about {human_size(needed)}")
 
 
 def check_tracking(config) -> None:

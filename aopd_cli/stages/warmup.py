@@ -29,10 +29,10 @@ from aopd_cli.rollout.interface import right_pad
 from aopd_cli.stages.lifecycle import log_dataset
 from aopd_cli.stages.preflight import check_benchmark_prompts, context_of
 from aopd_cli.training.batches import micro_batches
-from aopd_cli.training.sealed import reusable, seal
 from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
 from aopd_cli.training.models import load_policy, seed_everything
 from aopd_cli.training.objectives import global_normalizer, seqkd_loss
+from aopd_cli.training.sealed import reusable, seal
 from aopd_cli.training.update import MicroBatch
 
 

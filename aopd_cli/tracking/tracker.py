@@ -111,7 +111,8 @@ class MlflowTracker:
                 handle.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
         except OSError as err:  # the output folder's disk is full too: the records have nowhere to go
             raise UserError(f"the tracking store does not answer and {self.backlog} cannot be written either "
-                            f"({err.strerror or err}): the run stops here; make room and rerun the same command") from None
+                            f"({err.strerror or err}): the run stops here; make room and rerun the same "
+                            "command") from None
 
     def flush(self, quiet: bool = False) -> bool:
         """Send the backlog; True when nothing is left."""
@@ -167,7 +168,8 @@ class MlflowTracker:
 
 def error_line(err: Exception) -> str:
     """The line of an MLflow or SQLAlchemy error that says what went wrong (not the SQL, not the advice)."""
-    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith(("[SQL", "[param", "(Back"))]
+    noise = ("[SQL", "[param", "(Back")
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith(noise)]
     found = next((line for line in lines if "Error)" in line), lines[0] if lines else "")
     return f"{type(err).__name__}: {found[:200]}" if found else type(err).__name__
 

@@ -6,7 +6,7 @@ A model folder that cannot serve is one line before any weight is read: a studen
 template (and no `student.chat_template`), a config.json whose sizes disagree with the weights' shapes;
 and a pickle that weights-only loading refuses is one line, not a traceback.
 
-    python -m pytest tests/test_engine.py -q
+    python -m pytest tests/test_engine.py tests/test_model_folders.py -q
 """
 
 from __future__ import annotations
@@ -166,9 +166,9 @@ def use_template(tokenizer, cfg, role: str, where: str) -> None:
             raise UserError(f"{key}={cfg.chat_template}: the tokenizer of {where} has no {' or '.join(missing)} "
                             f"token, which {cfg.chat_template}'s turns need; give a Jinja template written for its "
                             f"tokens ({key}=./template.jinja)")
+    elif role != "student":
+        return  # its own template (if any) formats nothing
     elif not tokenizer.chat_template:
-        if role != "student":
-            return
         raise UserError(f"student.path={where}: its tokenizer has no chat template (no chat_template in "
                         "tokenizer_config.json, no chat_template.jinja), and every prompt is formatted with one: "
                         "name one with student.chat_template=chatml, or a Jinja file "
@@ -192,19 +192,19 @@ def check_weights(folder: Path, what: str, trust_remote_code: bool = False) -> N
     for shard in sorted(folder.glob("*.safetensors")):
         stored |= {name: (entry["shape"], shard.name) for name, entry in safetensors_header(shard).items()
                    if name != "__metadata__"}
-    if not stored:
-        return
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if not stored or getattr(config, "quantization_config", None):  # packed weights have shapes of their own
+        return
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     for name, tensor in model.state_dict().items():
         shape, file = stored.get(name, (list(tensor.shape), ""))
         if list(tensor.shape) == shape:
             continue
-        wanted = next(size for size, held in zip(tensor.shape, shape) if size != held) if len(shape) == \
-            tensor.dim() else None
+        differing = [size for size, held in zip(tensor.shape, shape) if size != held] if len(shape) == tensor.dim() \
+            else []  # the config keys of that size (vocab_size, hidden_size, ...) are what to correct
         keys = [f"{key} {value}" for key, value in config.to_dict().items()
-                if type(value) is int and value == wanted and value not in shape]
+                if type(value) is int and differing and value == differing[0] and value not in shape]
         says = f"{', '.join(keys[:2])} in config.json" if keys else f"config.json makes it {list(tensor.shape)}"
         raise UserError(f"{what}: config.json disagrees with the weights: {says}, but {name} in {file} is "
                         f"{shape}; correct config.json, or save the model again with save_pretrained")

@@ -5,7 +5,7 @@ files (sizes; checksums of the small ones, times of the large ones) inside the f
 and `reusable` sets a changed folder aside under a new name (the edits are kept, never deleted) and says
 so, so that it is trained again.
 
-    python -m pytest tests/test_own_models.py -q -k cached
+    python -m pytest tests/test_model_folders.py -q -k cached
 """
 
 from __future__ import annotations
