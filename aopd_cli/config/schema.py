@@ -54,6 +54,7 @@ def _chat_template(value: str) -> str:
 
 
 FolderName = Annotated[str, AfterValidator(_folder_name)]
+ChatTemplate = Annotated[str, AfterValidator(_chat_template)]
 
 
 class Strict(BaseModel):
@@ -79,9 +80,8 @@ class ModelConfig(Strict):
     arch: LabArch | None = None  # instead of path: a fresh lab model
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
-    # for a tokenizer without one (many base models): a name (chatml) or a Jinja file; None: the tokenizer's own.
-    # Prompts are formatted with the student's: a teacher or base reads the student's tokens
-    chat_template: Annotated[str, AfterValidator(_chat_template)] | None = None
+    # prompts are formatted with the student's template: a teacher or base reads the student's tokens
+    chat_template: ChatTemplate | None = None  # for a tokenizer without one: chatml, or a Jinja file (./t.jinja)
 
     @model_validator(mode="after")
     def _path_or_arch(self):
