@@ -121,3 +121,7 @@ def test_an_edited_cached_warmup_is_set_aside_and_trained_again(tmp_path, lab_ca
     assert json.loads((aside / "config.json").read_text())["vocab_size"] == 143  # the edits are kept
     assert (cached / "chat_template.jinja").is_file() and json.loads((cached / "config.json").read_text()) \
         ["vocab_size"] == 133
+    (cached / ".aopd_files.json").unlink()  # as an earlier aopd left its caches: taken as they are, and recorded
+    older = run_aopd(*args, "output_dir=three", cwd=tmp_path, cache=lab_cache)
+    assert older.returncode == 0 and f"note: the cached warm-up {cached} has no record of its files" in older.stdout
+    assert "reusing the cached warm-up checkpoint" in older.stdout and (cached / ".aopd_files.json").is_file()

@@ -3,7 +3,7 @@ shows a reused warm-up as a link into the cache, so an edit made through that li
 of it, which copies the link) changes the cache that every later run would reuse: `seal` records the
 files (sizes; checksums of the small ones, times of the large ones) inside the folder when it is stored,
 and `reusable` sets a changed folder aside under a new name (the edits are kept, never deleted) and says
-so, so that it is trained again.
+so, so that it is trained again. A cache an earlier aopd wrote, without a record, is recorded as it is.
 
     python -m pytest tests/test_model_folders.py -q -k cached
 """
@@ -26,11 +26,11 @@ def seal(folder: Path) -> None:
 
 
 def seal_problem(folder: Path) -> str | None:
-    """What differs from what was written in a sealed folder (the first file), or None."""
+    """What differs from what was written in a sealed folder (the first file), or None (also when unsealed)."""
     try:
         written = json.loads((Path(folder) / SEAL_FILE).read_text())
     except FileNotFoundError:
-        return f"no {SEAL_FILE}, the record of its files (an earlier aopd wrote it)"
+        return None
     except (OSError, ValueError):
         return f"{SEAL_FILE} is damaged"
     now = manifest(folder, skip=SEAL_FILE, times=True)
@@ -50,6 +50,15 @@ def reusable(cached: Path, what: str) -> bool:
     if not Path(cached).exists():
         return False
     problem = checkpoint_problem(cached) or seal_problem(cached)
+    if problem is None and not (cached / SEAL_FILE).is_file():
+        # an earlier aopd wrote it, unrecorded: retraining a real model's warm-up costs hours, so it is taken as
+        # it is now (and recorded), and the user is told how to have it trained again
+        if dist.is_main():
+            seal(cached)
+            say(f"note: the cached {what} {cached} has no record of its files (an earlier aopd wrote it): it is "
+                "reused as it is and recorded now; delete it to have it trained again")
+        dist.barrier()
+        return True
     if problem is None:
         return True
     if dist.is_main():
