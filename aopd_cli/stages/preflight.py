@@ -2,9 +2,9 @@
 its input files and checkpoints (present, and whole: a truncated safetensors is caught here), the rows of
 every benchmark it will evaluate on (and, for a pipeline, of every local data file its stages read), an
 output folder it can write, room on disk for one checkpoint, and a tracking store that answers (a SQLite
-one with room on its disk). Once the
-models are loaded (still before any folder or run exists), the prompts are checked against the model's
-context (`fit_prompts`, `check_benchmark_prompts`). Each problem is one line naming the key, file or row.
+one with room on its disk). Once the models are loaded (still before any folder or run exists), the
+prompts are checked against the model's context (`fit_prompts`, `check_benchmark_prompts`). Each problem
+is one line naming the key, file or row.
 
     aopd distill data.source=./nowhere.jsonl
 """
