@@ -166,7 +166,8 @@ def _describe(name: str, field, comment: str) -> str:
     elif _nested_model(annotation) is not None:
         kind = "{" + ", ".join(_nested_model(annotation).model_fields) + "}"
     else:
-        names = [getattr(a, "__name__", str(a)) for a in (args or (annotation,)) if a is not type(None)]
+        plain = [typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a for a in args or (annotation,)]
+        names = [getattr(a, "__name__", str(a)) for a in plain if a is not type(None)]
         kind = " or ".join(names) + (" or null" if type(None) in args else "")
     bounds = []
     for item in field.metadata:

@@ -1,13 +1,13 @@
 """Which fields of a validated stage config name local files or folders, and which of those are missing.
 
 `missing_inputs(config, made_upstream)` lists, one line each, the checkpoints (`student.path`,
-`teacher.path`, `base.path`), data files (`data.source`, `tool_data.source`) and benchmark files
-(`eval.benchmarks`, `eval.tool_benchmarks`) that a stage would read and that are not there, leaving out
-the paths in `made_upstream` (checkpoints an earlier stage of the same pipeline writes). A value is a
-local path when it starts with `./`, `../`, `/` or `~`, ends in a data or weights suffix (`.jsonl`, ...)
-or has more than one `/`; `org/name` is a hub id and a known dataset name (`deepmath`, `lab_math`,
-`toolalpaca`, ...) is neither. `aopd show` refuses a config with missing inputs (exit 2) before anything
-runs.
+`teacher.path`, `base.path`), chat template files (`student.chat_template=./t.jinja`), data files
+(`data.source`, `tool_data.source`) and benchmark files (`eval.benchmarks`, `eval.tool_benchmarks`) that a
+stage would read and that are not there, leaving out the paths in `made_upstream` (checkpoints an earlier
+stage of the same pipeline writes). A value is a local path when it starts with `./`, `../`, `/` or `~`,
+ends in a data, weights or template suffix (`.jsonl`, ...) or has more than one `/`; `org/name` is a hub
+id and a known dataset name (`deepmath`, `lab_math`, `toolalpaca`, ...) is neither. `aopd show` refuses a
+config with missing inputs (exit 2) before anything runs.
 
     aopd show distill data.source=/tmp/nope.jsonl
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Literal
 
+from aopd_cli.data.prompts import CHAT_TEMPLATES
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # what data/loaders.py reads from a file
-FILE_SUFFIXES = {*DATA_SUFFIXES, ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".pt", ".gguf"}
+FILE_SUFFIXES = {*DATA_SUFFIXES, ".csv", ".txt", ".arrow", ".safetensors", ".bin", ".pt", ".gguf", ".jinja", ".j2"}
 # names the loaders resolve themselves (the cache, a hub mirror): never a path to check here
 TOOL_NAMES = {"toolalpaca", "toolalpaca_real", "lab_tools"}
-Role = Literal["checkpoint", "data", "benchmark"]
+Role = Literal["checkpoint", "data", "benchmark", "template"]
 
 
 def known_names() -> set[str]:
@@ -48,6 +50,8 @@ def local_inputs(config) -> list[tuple[str, str, Role]]:
         model = getattr(config, role_name, None)
         if model is not None and model.path:
             found.append((f"{role_name}.path", model.path, "checkpoint"))
+        if model is not None and model.chat_template and model.chat_template not in CHAT_TEMPLATES:
+            found.append((f"{role_name}.chat_template", model.chat_template, "template"))
     for data_name in ("data", "tool_data"):
         data = getattr(config, data_name, None)
         if data is not None:
@@ -86,7 +90,7 @@ def input_problem(key: str, value: str, role: Role) -> str | None:
             return f"{key}: {value!r} is not a checkpoint (no config.json in it)"
         return None
     if not path.exists():
-        what = "data file or folder" if role == "data" else "benchmark file"
+        what = {"data": "data file or folder", "template": "chat template file"}.get(role, "benchmark file")
         return f"{key}: no {what} at {value!r}"
     if path.is_file() and role == "data" and path.suffix.lower() not in DATA_SUFFIXES:
         return f"{key}: {value!r} is not a .jsonl, .json or .parquet file"

@@ -44,7 +44,17 @@ def _trains(value: int) -> int:
     return value
 
 
+def _chat_template(value: str) -> str:
+    from aopd_cli.data.prompts import CHAT_TEMPLATES
+
+    if value not in CHAT_TEMPLATES and not value.endswith((".jinja", ".j2")) and "/" not in value:
+        raise ValueError(f"{value!r} is neither a template name ({', '.join(CHAT_TEMPLATES)}) nor a Jinja file "
+                         "(e.g. ./template.jinja)")
+    return value
+
+
 FolderName = Annotated[str, AfterValidator(_folder_name)]
+ChatTemplate = Annotated[str, AfterValidator(_chat_template)]
 
 
 class Strict(BaseModel):
@@ -70,6 +80,8 @@ class ModelConfig(Strict):
     arch: LabArch | None = None  # instead of path: a fresh lab model
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+    # prompts are formatted with the student's template: a teacher or base reads the student's tokens
+    chat_template: ChatTemplate | None = None  # for a tokenizer without one: chatml, or a Jinja file (./t.jinja)
 
     @model_validator(mode="after")
     def _path_or_arch(self):

@@ -20,14 +20,11 @@ import string
 import sys
 from pathlib import Path
 
+from aopd_cli.data.prompts import CHAT_TEMPLATES
+
 LAB_VERSION = "v5"  # bump when the generated data or tokenizer changes: the cache key includes it
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+CHAT_TEMPLATE = CHAT_TEMPLATES["chatml"]
 N_TRAIN, N_BENCH = 4000, 200  # arithmetic: training problems; problems per benchmark (test and dev)
 N_TOOL_TRAIN_PER_KIND, N_TOOL_EVAL_PER_KIND = 120, 10  # tool episodes per instruction kind
 

@@ -6,6 +6,8 @@
   char-level models pay for every character, and learn the APIs from their training data). Either way a
   conversation has one assistant turn per call, the observation as the next user turn, then the answer.
 - SFT: token ids of a conversation and the mask of its assistant tokens (the only ones trained).
+- Templates a model folder lacks (many base models ship none): `student.chat_template=chatml` names one,
+  a path names a Jinja file (`template_text`).
 
     python -m pytest tests/test_data.py -q -k prompt
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 GET_DETAILS = ('getDetails: Ask the user for details that the instruction lacks.\n'
                'Parameters: {"Question": "Required. string. The question to the user."}')
@@ -24,6 +27,21 @@ TOOL_FORMAT = ("Use the following format:\nUSER: the user's question\nASSISTANT 
                "Action Input: the input for the action, in JSON format.\nASSISTANT Observation: the result of the "
                "action\n... (this Thought/Action/Action Input/Observation can repeat N times)\nASSISTANT Thought: "
                "summarize the information gathered\nASSISTANT Response: the final response to the user")
+
+
+# the templates `student.chat_template` names; anything else is a Jinja file. chatml is Qwen's turn format
+# without its extras (tools, thinking), what the lab's tokenizer carries
+CHAT_TEMPLATES = {
+    "chatml": ("{%- for message in messages %}"
+               "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+               "{%- endfor %}"
+               "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"),
+}
+
+
+def template_text(value: str) -> str:
+    """The Jinja text of a template named by `*.chat_template`: a known name, or a file's content."""
+    return CHAT_TEMPLATES[value] if value in CHAT_TEMPLATES else Path(value).expanduser().read_text()
 
 
 def math_messages(problem: str, suffix: str) -> list[dict]:

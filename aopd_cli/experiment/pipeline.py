@@ -182,9 +182,9 @@ def pipeline_run(plan: Plan, parent_run_id: str | None):
     """(parent run, its runs-table link) for the block: the pipeline's folder held by this process and its
     parent run (resumed on a rerun), which ends FINISHED, or FAILED / KILLED as the block does."""
     from aopd_cli.progress import say
-    from aopd_cli.stages.lifecycle import output_lock, read_record
+    from aopd_cli.stages.lifecycle import end_earlier_run, output_lock, read_record
     from aopd_cli.tracking.runs_view import TRAINING_ROWS, runs_link, table_columns
-    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.store import DEFAULT_URI, resume_run, start_run
     from aopd_cli.tracking.tracker import NullTracker, closing
     from aopd_cli.training import distributed as dist
 
@@ -197,6 +197,8 @@ def pipeline_run(plan: Plan, parent_run_id: str | None):
             record = read_record(record_file) or {}
             if record.get("run_id") and record.get("tracking_uri") == first.tracking.uri:
                 parent = resume_run(first.tracking, record["run_id"]) or NullTracker()
+            elif record.get("run_id"):  # continued in another store: ended in its own
+                end_earlier_run(record, plan.root, continued_in=first.tracking.uri or DEFAULT_URI)
             if parent.run_id is None:
                 parent = start_run(first.tracking, run_name=name,
                                    tags={"stage": "pipeline", "experiment": plan.experiment.name, **plan.extra_tags},

@@ -81,12 +81,20 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 def input_fingerprints(config) -> dict[str, str]:
     """What the stage reads, by key: its model folders (file names, sizes and times: checkpoints are large)
-    and the content of every data and benchmark file (`hub` for a hub dataset, read by name)."""
+    and the content of every chat template, data and benchmark file (`hub` for a hub dataset, read by name)."""
     from aopd_cli.config.paths import data_sources
     from aopd_cli.data.loaders import source_files
+    from aopd_cli.data.prompts import CHAT_TEMPLATES
 
-    found = {f"{role}.path={model.path}": fingerprint(model.path) for role in ("student", "teacher", "base")
-             if (model := getattr(config, role, None)) is not None and model.path}
+    found = {}
+    for role in ("student", "teacher", "base"):
+        model = getattr(config, role, None)
+        if model is not None and model.path:
+            found[f"{role}.path={model.path}"] = fingerprint(model.path)
+        if model is not None and model.chat_template and model.chat_template not in CHAT_TEMPLATES:  # a Jinja file
+            template = Path(model.chat_template).expanduser()
+            found[f"{role}.chat_template={model.chat_template}"] = \
+                content_fingerprint([template]) if template.is_file() else "absent"
     for key, source, kind, split in data_sources(config):
         files = source_files(kind, source, split)
         found[f"{key}={source}"] = "hub" if files is None else content_fingerprint(files)
@@ -159,13 +167,15 @@ def read_record(path: Path) -> dict | None:
 def finished_result(config):
     """The result of a finished run of this very configuration in its output folder, else None."""
     from aopd_cli.training.checkpoints import checkpoint_problem
+    from aopd_cli.training.sealed import seal_problem
 
     done = read_record(Path(config.output_dir) / DONE_FILE)
     if done is None or done.get("identity") != identity(config):
         return None
     result = done["result"]
-    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared)
-        return None if checkpoint_problem(Path(result)) else Path(result)
+    if isinstance(result, str):  # a checkpoint: still there and whole (a cache can be cleared, or edited)
+        path = Path(result)
+        return None if checkpoint_problem(path) or (path.is_symlink() and seal_problem(path)) else path
     return result
 
 
@@ -180,21 +190,25 @@ def output_lock(out_dir: Path):
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK_FILE
-    handle = open(path, "a+")
+    handle = open(path, "a+b")  # bytes: a lock damaged by a crash or a disk error need not be text
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read().decode(errors="replace").strip() or "another process"
         handle.close()
         raise UserError(f"output_dir={out_dir} is in use by {holder}; wait for it, or choose another output_dir")
     handle.seek(0)
-    previous = handle.read().strip()
-    if previous:
-        print(f"aopd: warning: taking over {path} from {previous}, which is no longer running")
+    previous = handle.read()
+    try:
+        if previous.strip():
+            print(f"aopd: warning: taking over {path} from {previous.decode().strip()}, which is no longer running")
+    except UnicodeDecodeError:
+        print(f"aopd: warning: {path} is damaged ({len(previous)} bytes that are not text, as a crash or a disk error "
+              "leaves them); no process holds it: taking it over")
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
     handle.flush()
     try:
         yield
@@ -222,15 +236,38 @@ def _newest(out_dir: Path) -> tuple[Path | None, int]:
     return (steps[-1][1], steps[-1][0]) if steps else (None, 0)
 
 
+def end_earlier_run(record: dict, out_dir: Path, continued_in: str = "") -> None:
+    """The folder's earlier MLflow run, which this run does not continue in its store: sent what its backlog
+    queued and marked KILLED there (the store it was recorded in, maybe not this run's). A store that does not
+    answer is named in a warning; when this run goes on in another store (`continued_in`), the earlier run's
+    queued records are moved aside (the new run's backlog is its own), for `aopd sync` once it answers."""
+    from aopd_cli.tracking.store import DEFAULT_URI, end_run
+    from aopd_cli.tracking.tracker import BACKLOG_FILE
+
+    run_id, backlog, where = record["run_id"], out_dir / BACKLOG_FILE, record.get("tracking_uri") or DEFAULT_URI
+    problem = end_run(where, run_id, backlog=backlog,
+                      tags={"aopd.continued_in": continued_in} if continued_in else None)
+    if problem is None:
+        if continued_in:
+            say(f"the earlier run {run_id} in {where} is marked KILLED: this run continues in {continued_in}")
+        return
+    kept = ""
+    if continued_in and backlog.is_file():
+        aside = out_dir / f"backlog-{run_id[:8]}"
+        aside.mkdir(exist_ok=True)
+        backlog.rename(aside / BACKLOG_FILE)
+        kept = f"; its queued records are kept in {aside}: `aopd sync {aside} --tracking-uri {where}` sends them"
+    say(f"warning: cannot mark the earlier run {run_id} in {where} as ended ({problem}): it shows RUNNING there"
+        + kept)
+
+
 def _decide(config, out_dir: Path, ident: str, inputs: dict[str, str]) -> tuple[dict | None, Path | None, int]:
     """(the earlier run's record to continue, resume point, steps done), archiving what is not continued."""
     record = read_record(out_dir / RUN_FILE)
     earlier = record is not None or step_dirs(out_dir) or (out_dir / "checkpoint").exists()
     if earlier and (config.resume == "never" or (record or {}).get("identity") != ident):
         if record and record.get("run_id"):
-            from aopd_cli.tracking.store import mark_run
-
-            mark_run(config.tracking, record["run_id"], "KILLED")
+            end_earlier_run(record, out_dir)
         _archive(out_dir, "resume=never" if config.resume == "never" else what_changed(record, config, inputs))
         return None, None, 0
     resume_from, step = _newest(out_dir)
@@ -240,7 +277,7 @@ def _decide(config, out_dir: Path, ident: str, inputs: dict[str, str]) -> tuple[
 @contextmanager
 def stage_session(config, *, run_name: str | None, parent_run_id: str | None, tags: dict[str, str] | None = None):
     from aopd_cli.config.compose import flatten, to_yaml
-    from aopd_cli.tracking.store import resume_run, start_run
+    from aopd_cli.tracking.store import DEFAULT_URI, resume_run, start_run
     from aopd_cli.tracking.tracker import BACKLOG_FILE, NullTracker, closing
 
     out_dir, inputs = Path(config.output_dir), input_fingerprints(config)
@@ -256,6 +293,9 @@ def stage_session(config, *, run_name: str | None, parent_run_id: str | None, ta
         tracker = None
         if dist.is_main() and record and record.get("run_id") and record.get("tracking_uri") == config.tracking.uri:
             tracker = resume_run(config.tracking, record["run_id"], backlog=out_dir / BACKLOG_FILE)
+        elif dist.is_main() and record and record.get("run_id"):  # continued in another store: ended in its own
+            end_earlier_run(record, out_dir, continued_in=config.tracking.uri or DEFAULT_URI
+                            if config.tracking.enabled else "no store (tracking.enabled=false)")
         resumed = tracker is not None
         if tracker is None and dist.is_main():
             all_tags = {**(tags or {}), "stage": config.stage, "seed": str(config.seed),

@@ -1,9 +1,10 @@
 """Everything a stage needs, checked before it starts (before any model loads and anything is written):
 its input files and checkpoints (present, and whole: a truncated safetensors is caught here), the rows of
 every benchmark it will evaluate on (and, for a pipeline, of every local data file its stages read), an
-output folder it can write, room on disk for one checkpoint, and a tracking store that answers. Once the
-models are loaded (still before any folder or run exists), the prompts are checked against the model's
-context (`fit_prompts`, `check_benchmark_prompts`). Each problem is one line naming the key, file or row.
+output folder it can write, room on disk for one checkpoint, and a tracking store that answers (a SQLite
+one with room on its disk). Once the models are loaded (still before any folder or run exists), the
+prompts are checked against the model's context (`fit_prompts`, `check_benchmark_prompts`). Each problem
+is one line naming the key, file or row.
 
     aopd distill data.source=./nowhere.jsonl
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from aopd_cli.config.paths import input_problem, local_inputs, names_a_path
 from aopd_cli.errors import ConfigError, UserError
-from aopd_cli.training.checkpoints import checkpoint_problem
+from aopd_cli.training.checkpoints import checkpoint_problem, human_size
+
+STORE_ROOM = 2**20  # free bytes a SQLite store's disk needs for a run's records (the lab's take a few hundred KiB)
 
 
 def check_inputs(config) -> None:
@@ -135,18 +138,22 @@ def check_output(config, training: bool) -> None:
     if training:
         needed, free = checkpoint_bytes(config), shutil.disk_usage(ancestor).free
         if needed > free:
-            raise UserError(f"output_dir={config.output_dir}: {_size(free)} free on its disk, one checkpoint needs about "
-                            f"{_size(needed)}")
-
-
-def _size(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+            raise UserError(f"output_dir={config.output_dir}: {human_size(free)} free on its disk, one checkpoint "
+                            f"needs about {human_size(needed)}")
 
 
 def check_tracking(config) -> None:
+    """The store answers; a SQLite store has room on its disk for a run's records."""
     if config.tracking.enabled:
-        from aopd_cli.tracking.store import connect
+        from aopd_cli.tracking.store import DEFAULT_URI, absolute, connect
 
+        uri = absolute(config.tracking.uri or DEFAULT_URI)
+        if uri.startswith("sqlite:///"):
+            free = shutil.disk_usage(_existing_ancestor(Path(uri.removeprefix("sqlite:///")))).free
+            if free < STORE_ROOM:
+                raise UserError(f"tracking.uri={uri}: {human_size(free)} free on its disk, a run's records need about "
+                                f"{human_size(STORE_ROOM)}; make room, set tracking.uri to a store elsewhere, or set "
+                                "tracking.enabled=false")
         connect(config.tracking.uri)
 
 

@@ -1,14 +1,18 @@
 """Running one stage: `run_stage(config)` imports the stage's module (warmup, distill, continual, eval:
 each has `prepare(config)`, data and models before anything is written, and `run(config, session,
 prepared)`, one readable function) and does what all of them need around it: the process group, the
-checks before any work, the finished-stage shortcut, and the session (lock, resume, tracked run, signals).
+checks before any work, the finished-stage shortcut, and the session (lock, resume, tracked run, signals);
+a disk that fills while the stage writes is one line naming the file.
 
     aopd pipeline experiment=lab_smoke
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
+
+from aopd_cli.errors import UserError
 
 STAGE_MODULES = {  # stage -> module with `prepare(config)` and `run(config, session, prepared)`, imported when run
     "warmup": "aopd_cli.stages.warmup",
@@ -47,7 +51,13 @@ def run_stage(config, *, parent_run_id: str | None = None, run_name: str | None 
     stage = importlib.import_module(STAGE_MODULES[config.stage])
     say(f"{run_name}: loading data and models")
     prepared = stage.prepare(config)  # a bad row or checkpoint stops here, before any run or folder exists
-    with stage_session(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as session:
-        result = stage.run(config, session, prepared)
-        finish(session, result)
-        return result
+    try:
+        with stage_session(config, run_name=run_name, parent_run_id=parent_run_id, tags=tags) as session:
+            result = stage.run(config, session, prepared)
+            finish(session, result)
+            return result
+    except OSError as err:  # a disk that fills while the stage writes its records (checkpoints say so themselves)
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"cannot write {err.filename or f'in output_dir={config.output_dir}'}: its disk is full "
+                        f"({err.strerror}); make room and rerun the same command") from None

@@ -29,10 +29,10 @@ from aopd_cli.rollout.interface import right_pad
 from aopd_cli.stages.lifecycle import log_dataset
 from aopd_cli.stages.preflight import check_benchmark_prompts, context_of
 from aopd_cli.training.batches import micro_batches
-from aopd_cli.training.checkpoints import checkpoint_problem
 from aopd_cli.training.loop import StepBatch, sample_indices, train_loop
 from aopd_cli.training.models import load_policy, seed_everything
 from aopd_cli.training.objectives import global_normalizer, seqkd_loss
+from aopd_cli.training.sealed import reusable, seal
 from aopd_cli.training.update import MicroBatch
 
 
@@ -49,7 +49,7 @@ def cache_key(config) -> str:
         content["student"]["path"] = Path(start).resolve().name
     # the content of its data, not only their names: an edited conversations file is another warm-up
     data = {key: fingerprint for key, fingerprint in input_fingerprints(config).items() if not key.startswith("eval.")
-            and not key.startswith("student.")}
+            and not key.startswith("student.path")}
     blob = json.dumps([content, data, LAB_VERSION, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -73,7 +73,7 @@ def fit_length(examples: list[tuple[list[int], list[bool]]], max_len: int | None
 def prepare(config):
     """The conversations and the student (None when a whole cached checkpoint is reused)."""
     seed_everything(config.seed)
-    if config.reuse_cached and checkpoint_problem(cached_checkpoint(config)) is None:
+    if config.reuse_cached and reusable(cached_checkpoint(config), "warm-up"):
         return None
     datasets = [("train", config.data.source, load_data(config.data, "sft"))]
     conversations = [r["messages"] for r in datasets[0][2]]
@@ -176,6 +176,7 @@ def _store_in_cache(checkpoint: Path, cached: Path) -> Path:
         staging = cached.with_name(f".tmp-{cached.name}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(checkpoint, staging)
+        seal(staging)  # reused only while its files are as written here
         old = cached.with_name(f".old-{cached.name}-{os.getpid()}")
         if cached.exists():
             cached.rename(old)

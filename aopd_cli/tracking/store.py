@@ -16,7 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aopd_cli.errors import UserError
-from aopd_cli.tracking.tracker import BACKLOG_FILE, MAX_TAG, MlflowTracker, NullTracker, Tracker, send_backlog
+from aopd_cli.tracking.tracker import (
+    BACKLOG_FILE,
+    MAX_TAG,
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    error_line,
+    send_backlog,
+)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CREATION_RETRIES = 30  # seconds a first run waits for another process creating the same SQLite store
@@ -34,6 +42,8 @@ def _quiet() -> None:
 
     for name in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # it logs each failed write with its traceback before raising it; aopd says what failed, in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 @contextmanager
@@ -128,7 +138,11 @@ def start_run(tracking, *, run_name: str, tags: dict[str, str], parent_run_id: s
         all_tags["git_commit"] = commit
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id(client, tracking.experiment), tags=all_tags, run_name=run_name)
+    try:
+        run = client.create_run(experiment_id(client, tracking.experiment), tags=all_tags, run_name=run_name)
+    except Exception as err:  # noqa: BLE001 - it answered the check but cannot write (a full disk, read-only)
+        raise UserError(f"tracking store {tracking.uri or DEFAULT_URI!r} cannot start a run ({error_line(err)}); make "
+                        "room there, set tracking.uri to another store, or set tracking.enabled=false") from None
     return MlflowTracker(client, run.info.run_id, backlog)
 
 
@@ -150,13 +164,32 @@ def resume_run(tracking, run_id: str, *, backlog: Path | None = None) -> Tracker
     return MlflowTracker(client, run_id, backlog, logged)
 
 
-def mark_run(tracking, run_id: str, status: str) -> None:
-    """Close a run left RUNNING by a killed process (KILLED), when it is not resumed."""
-    if tracking.enabled:
+def end_run(uri: str | None, run_id: str, *, backlog: Path | None = None, tags: dict[str, str] | None = None
+            ) -> str | None:
+    """Close a run that is not continued in store `uri` (left RUNNING by a killed process, or continued in
+    another store) as KILLED, after sending it what `backlog` queued: why that could not be done (the store
+    does not answer, or its file is gone), or None (done, or the run is not in that store)."""
+    uri = absolute(uri or DEFAULT_URI)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return "its file is gone"  # connecting would make an empty store there
+    try:
+        client = connect(uri)
+        if backlog is not None and backlog.is_file() and send_backlog(client, backlog) is None:
+            return "it does not take the run's queued records"
+    except UserError:
+        return "it does not answer"
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - deleted, or never in this store: nothing to close
+        return None
+    if run.info.status == "RUNNING":
         try:
-            connect(tracking.uri).set_terminated(run_id, status=status)
-        except Exception:  # noqa: BLE001 - not in this store: nothing to mark
-            pass
+            for key, value in (tags or {}).items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status="KILLED")
+        except Exception as err:  # noqa: BLE001 - a store that answers reads but cannot write (a full disk)
+            return error_line(err)
+    return None
 
 
 def git_commit() -> str | None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from aopd_cli.errors import Interrupted
+from aopd_cli.errors import Interrupted, UserError
 
 BACKLOG_FILE = "tracking_backlog.jsonl"
 RETRY_EVERY_S = 20.0  # while the server is away, try it again at most this often
@@ -81,6 +81,7 @@ class MlflowTracker:
         self.logged = logged or {}  # metric -> last step already in the store (a resumed run)
         self.failing_since: float | None = None
         self.last_try = 0.0
+        self.disk_full = False
 
     # every call goes through _send: sent now, or queued for later
     def _send(self, record: dict) -> None:
@@ -97,15 +98,21 @@ class MlflowTracker:
     def _outage(self, err: Exception) -> None:
         if self.failing_since is None:
             self.failing_since = self.last_try = time.time()
-            print(f"aopd: warning: the tracking store does not answer ({type(err).__name__}); training goes on and "
+            self.disk_full = "disk is full" in str(err)  # a SQLite store's disk: an outage that lasts
+            print(f"aopd: warning: the tracking store does not answer ({error_line(err)}); training goes on and "
                   f"what cannot be sent is kept in {self.backlog} until it answers", file=sys.stderr)
 
     def _queue(self, record: dict) -> None:
         if self.backlog is None:
             return
-        self.backlog.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.backlog, "a") as handle:
-            handle.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
+        try:
+            self.backlog.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.backlog, "a") as handle:
+                handle.write(json.dumps({**record, "run_id": self.run_id}) + "\n")
+        except OSError as err:  # the output folder's disk is full too: the records have nowhere to go
+            raise UserError(f"the tracking store does not answer and {self.backlog} cannot be written either "
+                            f"({err.strerror or err}): the run stops here; make room and rerun the same "
+                            "command") from None
 
     def flush(self, quiet: bool = False) -> bool:
         """Send the backlog; True when nothing is left."""
@@ -150,12 +157,21 @@ class MlflowTracker:
     def close(self, status="FINISHED"):
         self._send({"op": "terminate", "status": status})
         # a short outage at the very end: wait for it to pass (briefly when killed: a grace period is ticking)
-        deadline = time.time() + (CLOSE_WAIT_S if status == "FINISHED" else 10)
+        # (none for a store whose disk is full: it will not have room in a minute unless someone makes it)
+        deadline = time.time() + (0 if self.disk_full else CLOSE_WAIT_S if status == "FINISHED" else 10)
         while not self.flush() and time.time() < deadline:
             time.sleep(5)
         if self.failing_since is not None and self.backlog is not None:
             print(f"aopd: the tracking store still does not answer: the run's last records wait in {self.backlog}; "
                   f"send them with `aopd sync {self.backlog.parent}`", file=sys.stderr)
+
+
+def error_line(err: Exception) -> str:
+    """The line of an MLflow or SQLAlchemy error that says what went wrong (not the SQL, not the advice)."""
+    noise = ("[SQL", "[param", "(Back")
+    lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith(noise)]
+    found = next((line for line in lines if "Error)" in line), lines[0] if lines else "")
+    return f"{type(err).__name__}: {found[:200]}" if found else type(err).__name__
 
 
 def _apply(client, run_id: str, record: dict) -> None:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from aopd_cli.errors import UserError
+from aopd_cli.errors import Interrupted, UserError
 from aopd_cli.training import distributed as dist
 
 CONFIG_FILE = "aopd_config.yaml"  # the resolved config, in a checkpoint and in a stage's output folder
@@ -85,16 +86,18 @@ def step_dirs(out_dir: Path, *, say_damaged: bool = False) -> list[tuple[int, Pa
     return sorted(found)
 
 
-def _manifest(folder: Path) -> dict[str, list]:
-    """Relative path -> [size, sha256 or None] of every file in a step folder (checksums of files under
-    CHECKSUM_BELOW bytes: the trainer states, DCP's metadata; the weight shards are checked by size)."""
+def manifest(folder: Path, skip: str = META_FILE, times: bool = False) -> dict[str, list]:
+    """Relative path -> [size, sha256 or None] of every file in a folder but `skip` (checksums of files under
+    CHECKSUM_BELOW bytes: the trainer states, DCP's metadata, configs and tokenizers; the weight shards are
+    checked by size, and with `times` by modification time too)."""
     import hashlib
 
     entries = {}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE):
-        size = file.stat().st_size
-        digest = hashlib.sha256(file.read_bytes()).hexdigest() if size < CHECKSUM_BELOW else None
-        entries[str(file.relative_to(folder))] = [size, digest]
+    for file in sorted(p for p in Path(folder).resolve().rglob("*") if p.is_file() and p.name != skip):
+        stat = file.stat()
+        digest = hashlib.sha256(file.read_bytes()).hexdigest() if stat.st_size < CHECKSUM_BELOW else None
+        entries[str(file.relative_to(Path(folder).resolve()))] = [stat.st_size, digest] + \
+            ([stat.st_mtime_ns] if times and digest is None else [])
     return entries
 
 
@@ -131,15 +134,17 @@ def save_step(out_dir: Path, step: int, model, optimizer, scheduler, *, sampler:
         staging.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    with _quiet_single_process(), _no_room(staging):
+    needed = _bytes_of([model_state, optim_state])
+    with _quiet_single_process(), _no_room(staging, needed):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging / "state"),
                  no_dist=not torch.distributed.is_initialized())
         torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(sampler), **(extra or {})},
                    staging / f"rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
-        (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(),
-                                                     "files": _manifest(staging)}))
+        with _no_room(staging, needed):
+            (staging / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(),
+                                                         "files": manifest(staging)}))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for _, old in step_dirs(out_dir)[:-keep_last]:
@@ -181,14 +186,52 @@ def _quiet_single_process():
 
 
 @contextmanager
-def _no_room(staging: Path):
-    """A write that fails (a full disk, a vanished folder) is one line, and leaves no half checkpoint."""
+def _no_room(staging: Path, needed: int):
+    """A write that fails for want of room (`needed` bytes; DCP says so as `unexpected pos`, not ENOSPC) or
+    on a vanished folder is one line naming the folder and its free space; the partial checkpoint is removed,
+    the newest whole one kept for the rerun."""
     try:
         yield
-    except OSError as err:
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except BaseException as err:  # DCP's CheckpointException is a BaseException
+        free = shutil.disk_usage(_existing(staging)).free
+        full = getattr(err, "errno", None) == errno.ENOSPC or free < needed
+        if not full and not isinstance(err, OSError):
+            raise
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write the checkpoint {staging.name.removeprefix('.tmp-')} in {staging.parent}: "
-                        f"{err.strerror or err}; the last whole checkpoint is kept") from None
+        name, out_dir = staging.name.removeprefix(".tmp-").split("-")[0], staging.parent
+        steps = step_dirs(out_dir)
+        kept = (f"{steps[-1][1].name}, the newest whole checkpoint, is kept: make room and rerun the same command to "
+                "resume from it") if steps else "no step checkpoint was written before it: a rerun starts afresh"
+        why = f"its disk is full ({human_size(free)} free, it needs about {human_size(needed)})" if full \
+            else (err.strerror or str(err))
+        raise UserError(f"cannot write the checkpoint {name} in {out_dir}: {why}; the partial {name} is removed and "
+                        f"{kept}") from None
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _bytes_of(state) -> int:
+    """Bytes of the tensors in a (nested) state dict: what a checkpoint of it takes on disk, roughly."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_bytes_of(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_bytes_of(value) for value in state)
+    return 0
+
+
+def human_size(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count / 2**10:.1f} KiB"
 
 
 # ---------------------------------------------------------------- final checkpoints
@@ -215,7 +258,7 @@ def save_final(policy, directory: Path, *, config_yaml: str, optimizer=None, sch
         directory.parent.mkdir(parents=True, exist_ok=True)
         staging = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
-        with _no_room(staging):
+        with _no_room(staging, _bytes_of(weights)):
             policy.model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
             _say_dtype(staging / "config.json", policy.compute_dtype)
             policy.tokenizer.save_pretrained(staging)
@@ -305,16 +348,28 @@ def checkpoint_problem(directory: Path) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
+def _read_header(path: Path) -> tuple[int, dict] | None:
+    """(header length, the JSON header: names, dtypes, shapes, offsets) of a safetensors file, or None."""
     try:
         with open(path, "rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size:
-                return f"{path}: truncated or not a safetensors file"
-            header = json.loads(handle.read(header_len))
+            if header_len > path.stat().st_size:
+                return None
+            return header_len, json.loads(handle.read(header_len))
     except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+
+
+def safetensors_header(path: Path) -> dict:
+    read = _read_header(path)
+    return {} if read is None else read[1]
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size, read = path.stat().st_size, _read_header(path)
+    if read is None:
         return f"{path}: truncated or not a safetensors file"
+    header_len, header = read
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         return f"{path}: truncated ({size} bytes, the header says {8 + header_len + end})"
