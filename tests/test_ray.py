@@ -158,7 +158,7 @@ def test_a_sweep_runs_as_ray_jobs_on_two_nodes_attaches_after_a_killed_driver_an
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "attached to" in result.stdout, result.stdout[-3000:]  # the child still running: not submitted again
     submitted = sorted(j["id"].removeprefix(f"aopd-{group}-") for j in ray_jobs(address, token_env, group))
-    assert submitted == sorted([cancelled, f"{cancelled}-r2", other])
+    assert submitted == sorted([cancelled, f"{cancelled}.r2", other])
     logs = aopd("jobs", "logs", str(folder), cancelled, cwd=tmp_path, env=env)
     assert "resuming" in logs.stdout and "from step" in logs.stdout, logs.stdout[-2000:]
     runs = children_runs(mlflow_server, group)

@@ -2,7 +2,7 @@
 for `nproc` > 1), submitted once every job it waits for has finished, with the processors it takes
 (`entrypoint_num_gpus` where the cluster has GPUs, else CPUs: the stage's `threads`).
 
-- Its submission id comes from the job's identity (`aopd-GROUP-JOB`, `-r2`... for retries): Ray refuses a
+- Its submission id comes from the job's identity (`aopd-GROUP-JOB`, `.r2`... for retries): Ray refuses a
   second job of one id, so a rerun of the command attaches to the jobs still running, skips those whose
   stage finished (its output folder says so), and submits again only what failed or was cancelled.
 - Without `--address`, aopd starts a Ray of its own on this machine for the command and stops it after.
@@ -133,7 +133,7 @@ def check_jobs(jobs, node_resources: list[dict[str, float]], remote: bool) -> No
                               f"the cluster has {gpus:g}")
         if not remote:
             continue
-        uri = job.config.tracking.uri
+        uri = job.config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")  # MLflow's default reads it
         if job.config.tracking.enabled and (uri is None or not re.match(r"^(https?|postgresql|mysql|mssql)(\+\w+)?://",
                                                                         uri)):
             raise ConfigError(f"--address: tracking.uri={uri or 'sqlite:///mlflow.db (the default)'} is a file on "
@@ -150,6 +150,7 @@ def check_jobs(jobs, node_resources: list[dict[str, float]], remote: bool) -> No
 
 # ---------------------------------------------------------------- submitting and following
 def submission_prefix(group: str, job_id: str = "") -> str:
+    """`aopd-GROUP-JOB`, and `.rN` after it for the N-th attempt (a job id holds no dot)."""
     return f"aopd-{group}-{job_id}" if job_id else f"aopd-{group}-"
 
 
@@ -160,17 +161,20 @@ def attempts(client, group: str) -> dict[str, list]:
     for details in client.list_jobs():
         sid = details.submission_id or ""
         if sid.startswith(prefix):
-            job_id = re.sub(r"-r\d+$", "", sid[len(prefix):])
+            job_id = re.sub(r"\.r\d+$", "", sid[len(prefix):])
             found.setdefault(job_id, []).append(details)
     for runs in found.values():
         runs.sort(key=lambda d: d.start_time or 0)
     return found
 
 
-def entrypoint(spec: Path, nproc: int) -> str:
+def entrypoint(spec: Path, nproc: int, here: bool) -> str:
+    """The job's command: `aopd job SPEC` (under torchrun for `nproc` > 1), in this folder when the job runs on
+    this machine (`here`; on a cluster every path is absolute)."""
     python = shlex.quote(sys.executable)
     run = f"-m torch.distributed.run --standalone --nproc-per-node {nproc} -m aopd_cli" if nproc > 1 else "-m aopd_cli"
-    return f"cd {shlex.quote(os.getcwd())} && {python} {run} job {shlex.quote(str(spec.resolve()))}"
+    command = f"{python} {run} job {shlex.quote(str(spec.resolve()))}"
+    return f"cd {shlex.quote(os.getcwd())} && {command}" if here else command
 
 
 @contextmanager
@@ -207,7 +211,7 @@ def run_on_ray(client, url: str, jobs, *, group: str, root: Path, embedded: bool
                 if any(state[a] in ("failed", "cancelled", "blocked") for a in job.after):
                     state[job.job_id] = "blocked"
                 elif all(state[a] == "finished" for a in job.after):
-                    submitted[job.job_id] = _submit_or_attach(client, group, job, root, has_gpus,
+                    submitted[job.job_id] = _submit_or_attach(client, group, job, root, has_gpus, embedded,
                                                               earlier.get(job.job_id, []))
                     state[job.job_id] = "pending"
                     _write_record(root, group, url, embedded, jobs, submitted)
@@ -237,7 +241,7 @@ def run_on_ray(client, url: str, jobs, *, group: str, root: Path, embedded: bool
     return timings
 
 
-def _submit_or_attach(client, group: str, job, root: Path, has_gpus: bool, earlier: list) -> str:
+def _submit_or_attach(client, group: str, job, root: Path, has_gpus: bool, here: bool, earlier: list) -> str:
     """The submission id the job runs as: one still running or pending (a rerun attaches), else a new one."""
     from aopd_cli.experiment.job_spec import write_spec
 
@@ -245,11 +249,11 @@ def _submit_or_attach(client, group: str, job, root: Path, has_gpus: bool, earli
     if latest is not None and _status(latest.status) in ("PENDING", "RUNNING"):
         say(f"ray: {job.label}: attached to {latest.submission_id}, still {_status(latest.status).lower()}")
         return latest.submission_id
-    sid = submission_prefix(group, job.job_id) + (f"-r{len(earlier) + 1}" if earlier else "")
+    sid = submission_prefix(group, job.job_id) + (f".r{len(earlier) + 1}" if earlier else "")
     spec = write_spec(job, root / ".jobs")
     threads = getattr(job.config, "threads", None) or 1
     try:
-        client.submit_job(entrypoint=entrypoint(spec, job.nproc), submission_id=sid,
+        client.submit_job(entrypoint=entrypoint(spec, job.nproc, here), submission_id=sid,
                           runtime_env={"env_vars": {**child_environment(basics=False),
                                                     "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}},
                           entrypoint_num_gpus=job.nproc if has_gpus else 0,

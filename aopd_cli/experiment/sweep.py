@@ -179,10 +179,12 @@ def _jobs(plan: SweepPlan, children: list[Child], parent_run_id: str | None, npr
         return [job for c in children for job in stage_jobs(c.target, parent_run_id, prefix=f"{c.child_id}-",
                                                             child=c.child_id,
                                                             nproc=c.target.experiment.launch.gpus_per_node or 1)]
+    def run_name(child: Child) -> str:
+        objective = getattr(child.target, "objective", None)
+        return " ".join(filter(None, [plan.stage, objective.name if objective else "", point_label(child.values)]))
+
     return [Job(child.child_id, f"[{number}/{len(children)}] {point_label(child.values)}", child.target,
-                parent_run_id, " ".join(filter(None, [plan.stage, getattr(getattr(child.target, "objective", None),
-                                                                               "name", ""), point_label(child.values)])),
-                child.tags, nproc=nproc) for number, child in enumerate(children, 1)]
+                parent_run_id, run_name(child), child.tags, nproc=nproc) for number, child in enumerate(children, 1)]
 
 
 def _run_children(plan: SweepPlan, jobs_runner, on_ray: bool, nproc: int) -> None:
