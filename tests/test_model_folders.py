@@ -100,7 +100,10 @@ def test_a_named_chat_template_serves_a_folder_without_one(folders, tiny_checkpo
     assert saved.is_file() and "<|im_start|>" in saved.read_text()
 
 
-def test_an_edited_cached_warmup_is_set_aside_and_trained_again(tmp_path, lab_cache):
+def test_an_edited_cached_warmup_is_set_aside_and_trained_again(tmp_path):
+    """In a cache of its own: the session's is shared by the tests of this worker, which must not meet the
+    edited checkpoint or the one set aside."""
+    lab_cache = tmp_path / "cache"
     args = ["warmup", "student=lab_student", "train.steps=3", "train.batch_size=4", "train.micro_batch_size=4",
             "eval.benchmarks=[]", "reuse_cached=true", "tracking.enabled=false"]
     first = run_aopd(*args, "output_dir=one", cwd=tmp_path, cache=lab_cache)
