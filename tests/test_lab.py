@@ -57,6 +57,25 @@ def test_lab_splits_are_disjoint_and_tool_records_carry_observations(lab_cache):
     assert {len(r["golden"]) for r in tool_test} == {1, 2}
 
 
+def test_generic_tool_text_has_the_task_words_but_none_of_its_instructions(lab_cache):
+    """The students' scrambled tool text (lab_tools_generic): the task's functions and keys, the question's
+    digits as the values in order, and no instruction of the task's train, test or dev split."""
+    import json
+
+    from aopd_cli.data.lab import APIS, GENERIC_KEYS
+
+    generic = load_records("tool_train", "lab_tools_generic")
+    assert len(generic) == 400 and {len(r["steps"]) for r in generic} == {1, 2}
+    assert {s["action"] for r in generic for s in r["steps"]} == {fn for api in APIS.values() for fn in api}
+    for record in generic:
+        args = [json.loads(s["action_input"]) for s in record["steps"]]
+        assert all(set(a) <= set(GENERIC_KEYS) for a in args)
+        assert record["instruction"] == "item " + " and ".join(str(v) for a in args for v in a.values()) + "?"
+    task = {r["instruction"] for r in load_records("tool_train", "lab_tools")}
+    task |= {r["instruction"] for split in ("lab_tools", "lab_tools_dev") for r in load_records("tool_eval", split)}
+    assert not task & {r["instruction"] for r in generic}
+
+
 def test_compact_episodes_feed_golden_observations_back_as_user_turns(lab_tokenizer, lab_cache):
     record = next(r for r in load_records("tool_eval", "lab_tools") if r["api"] == "BookShelf")
     search, reviews = record["golden"]

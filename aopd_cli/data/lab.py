@@ -22,11 +22,12 @@ from pathlib import Path
 
 from aopd_cli.data.prompts import CHAT_TEMPLATES
 
-LAB_VERSION = "v5"  # bump when the generated data or tokenizer changes: the cache key includes it
+LAB_VERSION = "v6"  # bump when the generated data or tokenizer changes: the cache key includes it
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<unk>"]
 CHAT_TEMPLATE = CHAT_TEMPLATES["chatml"]
 N_TRAIN, N_BENCH = 4000, 200  # arithmetic: training problems; problems per benchmark (test and dev)
 N_TOOL_TRAIN_PER_KIND, N_TOOL_EVAL_PER_KIND = 120, 10  # tool episodes per instruction kind
+N_GENERIC = 400  # scrambled tool-format conversations for the students' warm-up (`lab_tools_generic`)
 
 
 def cache_root() -> Path:
@@ -201,6 +202,36 @@ def _eval_records(episodes) -> list[dict]:
     return records
 
 
+# What a base LLM has read before it meets ToolAlpaca: calls in this format, to other APIs. The students'
+# warm-up (`tool_data: lab_tools_generic`) holds N_GENERIC conversations in the tool format with the task's
+# own words scrambled: a random function, one or two random keys, the question's digits as their values and a
+# random observation. They give every tool word a prior (on-policy OPD samples `getWeather` only if it has
+# one) without teaching which function or key an instruction needs: the students score 0% before the
+# continual stage (docs/lab-search.md).
+GENERIC_KEYS = ["zip", "hours", "days", "shelf", "id", "limit", "channel", "temp", "high", "stars", "count"]
+
+
+def generic_records(count: int = N_GENERIC) -> list[dict]:
+    """ToolAlpaca train records of scrambled calls: `item 2 and 9?` -> getNews {"count": 2, "zip": 9}."""
+    rng, functions, instances = random.Random(7), sorted(fn for api in APIS.values() for fn in api), []
+    for _ in range(count):
+        calls, digits = [], []
+        for _ in range(rng.choice([1, 1, 2])):
+            function, keys = rng.choice(functions), rng.sample(GENERIC_KEYS, rng.choice([1, 2]))
+            args = {key: rng.randint(1, 9) for key in keys}
+            digits += args.values()
+            calls.append((function, args, {rng.choice(GENERIC_KEYS): rng.randint(0, 9)}))
+        instances.append({
+            "input": "item " + " and ".join(map(str, digits)) + "?", "Final Thought": "",
+            "output": str(next(iter(calls[-1][2].values()))),
+            "intermediate_steps": [[[fn, json.dumps(args), f" \nAction: {fn}\nAction Input: {json.dumps(args)}"],
+                                    json.dumps(obs)] for fn, args, obs in calls]})
+    return [{"Name": "Generic", "Description": "Scrambled tool calls.", "Category": "Lab", "Link": "lab://generic",
+             "Introduction": "", "Functions": "", "Documentation": "{}", "NLDocumentation": "",
+             "Function_Description": {"any": "Any of the lab's functions.", "components": ""},
+             "Function_Projection": {}, "Instructions": [i["input"] for i in instances], "Instances": instances}]
+
+
 def write_tools(root: Path) -> None:
     rng = random.Random(3)
     test = _episodes(rng, N_TOOL_EVAL_PER_KIND, set())
@@ -223,6 +254,8 @@ def write_tools(root: Path) -> None:
     (root / "tools").mkdir(parents=True, exist_ok=True)
     (root / "tools" / "train_data.json").write_text(json.dumps(records, indent=1))
     (root / "tools" / "eval_simulated.json").write_text(json.dumps(_eval_records(test), indent=1))
+    (root / "tools_generic").mkdir(parents=True, exist_ok=True)
+    (root / "tools_generic" / "train_data.json").write_text(json.dumps(generic_records(), indent=1))
     (root / "tools_dev").mkdir(parents=True, exist_ok=True)
     (root / "tools_dev" / "eval_simulated.json").write_text(json.dumps(_eval_records(dev), indent=1))
 

@@ -1,8 +1,8 @@
 """Loaders for the real datasets (`../shared/reference/datasets.md`), normalised into plain records.
 
 `load_records(kind, source, config=None, split=None)`: `source` is a known name (openthoughts,
-openthoughts3, deepmath, toolalpaca, aime24, aime25, hmmt25, lab_math, lab_tools, and the lab's development
-splits lab_math_dev, lab_tools_dev), a hub id (through
+openthoughts3, deepmath, toolalpaca, aime24, aime25, hmmt25, lab_math, lab_tools, the lab's development
+splits lab_math_dev, lab_tools_dev and its students' scrambled tool text lab_tools_generic), a hub id (through
 `datasets.load_dataset`), or a local path: a .jsonl/.json/.parquet file, a folder laid out like the hub
 repo, or a ToolAlpaca `data/` folder. Kinds and records:
 
@@ -42,7 +42,7 @@ KNOWN: dict[str, tuple[str, list[str | None], str]] = {
 LAB_PATHS = {("lab_math", "sft"): "math/openthoughts", ("lab_math", "prompts"): "math/deepmath",
              ("lab_math", "math_benchmark"): "math/aime", ("lab_tools", "tool_train"): "tools",
              ("lab_tools", "tool_eval"): "tools", ("lab_math_dev", "math_benchmark"): "math/aime_dev",
-             ("lab_tools_dev", "tool_eval"): "tools_dev"}
+             ("lab_tools_dev", "tool_eval"): "tools_dev", ("lab_tools_generic", "tool_train"): "tools_generic"}
 
 
 class BadRow(ValueError):
