@@ -55,7 +55,11 @@ def tiny_checkpoint(lab_cache, tmp_path_factory):
     from aopd_cli.stages.runner import run_stage
 
     out = tmp_path_factory.mktemp("tiny") / "warmup"
-    config = load_stage_config("warmup", ["student=lab_student", "train.steps=3", "train.batch_size=8",
+    # lab data v5's 0.1M student, not today's 0.3M lab student: a third of the compute in every test that uses it,
+    # and the disk tests' few-MiB file systems are sized for its checkpoints
+    small = ["student.arch.hidden_size=64", "student.arch.num_heads=2", "student.arch.num_kv_heads=1",
+             "student.arch.intermediate_size=128"]
+    config = load_stage_config("warmup", ["student=lab_student", *small, "train.steps=3", "train.batch_size=8",
                                           "train.micro_batch_size=8", "eval.benchmarks=[]", "tracking.enabled=false",
                                           f"output_dir={out}"])
     return run_stage(config)
