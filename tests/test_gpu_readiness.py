@@ -179,19 +179,26 @@ def test_an_optimizer_step_reads_back_from_the_device_a_fixed_few_times(objectiv
     assert len(one) == len(four) <= 2, f"at 1 micro-batch: {one}; at 4: {four}"
 
 
-def test_a_self_started_teacher_server_that_cannot_fit_is_refused_before_any_work(one_gpu, tmp_path):
+def test_a_self_started_teacher_server_that_cannot_fit_is_refused_before_any_work(one_gpu, tmp_path, monkeypatch):
     from aopd_cli.stages.preflight import preflight
 
     out = tmp_path / "distill"
     base = ["teacher.engine=server", "tracking.enabled=false", f"output_dir={out}", "student.path=null",
             "student.arch={hidden_size: 64}"]
     config = load_stage_config("distill", base + ["teacher.path=Qwen/Qwen3-32B"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError) as refused:
         preflight(config)
     line = str(refused.value)
     assert "\n" not in line and "Qwen/Qwen3-32B" in line and "GPUs of its own" in line and "teacher.url" in line
     assert "61 GiB" in line and "24 GiB" in line  # its bf16 weights; 0.3 of an 80 GiB GPU
+    assert "on another machine: aopd teacher serve" in line  # one GPU: none left for a server of two
     assert not out.exists()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(UserError) as refused:
+        preflight(config)
+    assert "CUDA_VISIBLE_DEVICES=6,7 aopd teacher serve teacher.path=Qwen/Qwen3-32B --tensor-parallel-size 2 " \
+           "--port 8100), train on the others and set teacher.url=http://127.0.0.1:8100" in str(refused.value)
     preflight(load_stage_config("distill", base + ["teacher.path=Qwen/Qwen3-8B"]))  # 15 GiB in 24: fits
     preflight(load_stage_config("distill", base + ["teacher.path=Qwen/Qwen3-32B", "teacher.url=http://h:1"]))
 

@@ -204,12 +204,17 @@ def check_served_teacher(config) -> None:
         tp = max(2, teacher.tensor_parallel_size)
         while tp < 8 and bytes_per * shape.params / tp > 0.8 * torch.cuda.get_device_properties(0).total_memory:
             tp *= 2
+        gpus = torch.cuda.device_count()
+        # the machine's last tp GPUs for the server, the rest for the trainer; too few: another machine's
+        where = (f"CUDA_VISIBLE_DEVICES={','.join(map(str, range(gpus - tp, gpus)))} " if gpus > tp else
+                 "on another machine: ")
+        host = "127.0.0.1" if gpus > tp else "HOST"
         raise UserError(
             f"teacher.engine=server with no teacher.url starts {teacher.path} on this machine's GPU 0 beside the "
             f"trainer, with teacher.gpu_memory_utilization={teacher.gpu_memory_utilization:g} of it "
             f"({share / GIB:.0f} GiB), and its weights alone take {weights / GIB:.0f} GiB a GPU: serve it on GPUs of "
-            f"its own (e.g. CUDA_VISIBLE_DEVICES=4,5,6,7 aopd teacher serve teacher.path={teacher.path} "
-            f"--tensor-parallel-size {tp} --port 8100), train on the others and set teacher.url=http://127.0.0.1:8100")
+            f"its own (e.g. {where}aopd teacher serve teacher.path={teacher.path} --tensor-parallel-size {tp} "
+            f"--port 8100), train on the others and set teacher.url=http://{host}:8100")
 
 
 def preflight(config) -> None:
