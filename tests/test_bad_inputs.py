@@ -69,7 +69,11 @@ def test_no_room_on_disk_is_caught_before_the_run(tiny_checkpoint, tmp_path, mon
         preflight.check_output(config, training=True)
 
 
-def test_a_truncated_cached_warmup_is_rebuilt(tmp_path, lab_cache):
+def test_a_truncated_cached_warmup_is_rebuilt(tmp_path, monkeypatch):
+    """In a cache of its own: the truncated checkpoint is set aside as `warmup-*.changed-*`, which the tests
+    sharing the session's cache would otherwise pick up as a warm-up (five failed so, by the order of a run)."""
+    lab_cache = tmp_path / "cache"
+    monkeypatch.setenv("AOPD_CACHE", str(lab_cache))  # for cached_checkpoint below, read in this process
     args = ["warmup", "student=lab_student", "train.steps=2", "train.batch_size=4", "train.micro_batch_size=4",
             "eval.benchmarks=[]", "reuse_cached=true", "tracking.enabled=false"]
     from aopd_cli.config.compose import load_stage_config
