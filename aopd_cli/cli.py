@@ -88,6 +88,7 @@ def _run(stage: str, overrides: list[str] | None, nproc: int = 1) -> None:
 
         try:
             run_stage(config)
+            distributed.barrier()  # every rank done before any closes its connections: gloo can abort a peer
         finally:
             distributed.shutdown()
 
@@ -157,6 +158,7 @@ def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = N
             _relaunch("pipeline", overrides, nproc_per_node)
         try:
             run_pipeline(plan, executor=executor, address=address, nproc=nproc_per_node)
+            distributed.barrier()
         finally:
             distributed.shutdown()
 
@@ -197,6 +199,7 @@ def job(spec: str = typer.Argument(..., help="a job's spec, as --executor ray wr
     with refusals():
         try:
             run_spec(spec)
+            distributed.barrier()
         finally:
             distributed.shutdown()
 

@@ -3,6 +3,7 @@
 - one update at world size 2 equals the update at world size 1 on the same global batch;
 - `aopd distill --nproc-per-node 2` finishes with one MLflow run and a final checkpoint transformers
   loads, and a step checkpoint written at world size 2 resumes;
+- SIGTERM to every process, as a scheduler sends it, stops both ranks after one step with its checkpoint;
 - a rank that raises stops every rank quickly, with its error shown;
 - an evaluation split over 2 processes gives the metrics and samples of one process.
 """
@@ -66,6 +67,27 @@ def test_distill_on_two_processes_tracks_once_saves_and_resumes(tmp_path, tiny_c
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     print(f"world-2 resumed run: {time.time() - started:.1f} s")
+
+
+def test_sigterm_to_every_process_stops_both_ranks_after_the_same_step_with_a_checkpoint(tmp_path, tiny_checkpoint,
+                                                                                          lab_cache):
+    """What Ray's job stop and Slurm's scancel do: SIGTERM to torchrun and to each rank at once; torchrun then
+    forwards one more to each rank. The ranks agree on a step, write its checkpoint, and the run ends KILLED."""
+    out = tmp_path / "out"
+    args = [*distill_args(tiny_checkpoint, out, "train.steps=2000", "train.save_every=1000", "train.log_every=1"),
+            "--nproc-per-node", "2"]
+    process = start_aopd(*args, cwd=tmp_path, cache=lab_cache, log=tmp_path / "log")
+    wait_for(lambda: "step 3/2000" in (tmp_path / "log").read_text() or process.poll() is not None, what="step 3")
+    subprocess.run(["pkill", "-TERM", "-f", f"output_dir={out}"])
+    assert process.wait(timeout=300) != 0  # torchrun's own exit code for a SIGTERM: 1
+    log = (tmp_path / "log").read_text()
+    assert "rerun the same command to resume" in log, log[-3000:]
+    assert "[rank0]: Traceback" not in log and "[rank1]: Traceback" not in log, log[-3000:]  # torchrun's own may be
+    [saved] = out.glob("step_*")
+    assert (saved / "rank0.pt").is_file() and (saved / "rank1.pt").is_file(), log[-3000:]
+    client = connect(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("aopd").experiment_id])
+    assert run.info.status == "KILLED", log[-3000:]
 
 
 def test_a_rank_that_raises_stops_every_rank(tmp_path, tiny_checkpoint, lab_cache):

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def children_runs(uri: str, sweep: str) -> list:
 
 
 def test_a_sweep_runs_as_ray_jobs_on_two_nodes_attaches_after_a_killed_driver_and_resumes_a_cancelled_child(
-        two_nodes, mlflow_server, tiny_checkpoint, lab_cache, tmp_path):
+        two_nodes, mlflow_server, tiny_checkpoint, lab_cache, tmp_path, request):
     address, token_env = two_nodes
     marker = uuid.uuid4().hex  # the children's (Ray's own processes carry the cluster's)
     env = {**os.environ, **token_env, "AOPD_CACHE": str(lab_cache), "AOPD_TEST_MARKER": marker}
@@ -145,6 +146,11 @@ def test_a_sweep_runs_as_ray_jobs_on_two_nodes_attaches_after_a_killed_driver_an
     wait_for(lambda: len([j for j in ray_jobs(address, token_env, group) if j["status"] == "RUNNING"]) == 2,
              timeout=300, what="both children running")
     cancelled, other = sorted(json.loads((folder / "aopd_jobs.json").read_text())["jobs"])
+    # the other child is paused until the rerun has attached to it: left running, it could finish first on a fast
+    # machine, and the rerun would then find it done (CI did so once) instead of attaching
+    wait_for(lambda: child_processes(marker, other), timeout=300, what="the other child's processes")
+    paused = pause_child(marker, other)
+    request.addfinalizer(lambda: signal_all(paused, signal.SIGCONT))  # should the test fail before it resumes them
     wait_for(lambda: list((folder / cancelled).glob("step_*")), timeout=300, what="a step checkpoint")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -157,9 +163,18 @@ def test_a_sweep_runs_as_ray_jobs_on_two_nodes_attaches_after_a_killed_driver_an
     status = aopd("jobs", "status", str(folder), cwd=tmp_path, env=env)
     assert "cancelled" in status.stdout, status.stdout
 
-    result = aopd(*second, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "attached to" in result.stdout, result.stdout[-3000:]  # the child still running: not submitted again
+    log = tmp_path / "rerun.log"
+    with open(log, "w") as stdout:
+        rerun = subprocess.Popen([sys.executable, "-m", "aopd_cli.cli", *second], cwd=tmp_path, env=env,
+                                 stdout=stdout, stderr=subprocess.STDOUT)
+        try:
+            # the child still running: attached to, not submitted again
+            wait_for(lambda: "attached to" in log.read_text() or rerun.poll() is not None, timeout=300,
+                     what="the rerun attaching")
+        finally:
+            signal_all(paused, signal.SIGCONT)
+        assert rerun.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert "attached to" in log.read_text(), log.read_text()[-3000:]
     submitted = sorted(j["id"].removeprefix(f"aopd-{group}-") for j in ray_jobs(address, token_env, group))
     assert submitted == sorted([cancelled, f"{cancelled}.r2", other])
     logs = aopd("jobs", "logs", str(folder), cancelled, cwd=tmp_path, env=env)
@@ -168,6 +183,40 @@ def test_a_sweep_runs_as_ray_jobs_on_two_nodes_attaches_after_a_killed_driver_an
     assert {r.info.status for r in runs if r.data.tags.get("sweep_child")} == {"FINISHED"}
     assert [r.info.status for r in runs if r.data.tags.get("sweep_parent")] == ["FINISHED"]
     assert not marked_processes(marker)
+
+
+def child_processes(marker: str, child: str) -> list:
+    """A sweep child's processes: those whose command names its config, and every process under them."""
+    import psutil
+
+    found = {}
+    for process in marked_processes(marker):
+        try:
+            if f"{child}.json" in " ".join(process.cmdline()):
+                found.update({p.pid: p for p in [process, *process.children(recursive=True)]})
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def pause_child(marker: str, child: str) -> list:
+    """SIGSTOP a sweep child's processes, again until no new one appears (one may start while we list them)."""
+    paused: dict = {}
+    while new := [p for p in child_processes(marker, child) if p.pid not in paused]:
+        signal_all(new, signal.SIGSTOP)
+        paused.update({p.pid: p for p in new})
+        time.sleep(0.5)
+    return list(paused.values())
+
+
+def signal_all(processes: list, signum: int) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.send_signal(signum)
+        except psutil.Error:  # gone already
+            pass
 
 
 def no_runs(uri: str) -> bool:

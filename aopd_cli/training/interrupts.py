@@ -2,9 +2,9 @@
 
 Inside a training step the signal only asks the loop to stop: the step finishes, a resumable checkpoint
 is written, the run is marked KILLED and the process exits 143 (SIGTERM) or 130 (SIGINT). A second
-Ctrl-C, or a signal outside a step (loading, evaluating), stops at once with the same exit codes; the
-last whole checkpoint stays. Every rank gets the signal from torchrun; the loop agrees on stopping
-collectively.
+Ctrl-C, or a signal outside the training loop (loading, the final evaluation), stops at once with the same
+exit codes; the last whole checkpoint stays. Every rank gets the signal from torchrun (and from the
+scheduler: a repeated SIGTERM is ignored); the loop agrees on stopping collectively, after each step.
 
     python -m pytest tests/test_resume.py -q -k signal
 """
@@ -26,8 +26,8 @@ class StopFlag:
     in_step: bool = False
 
     @contextmanager
-    def step(self):
-        """A training step: a signal here waits for the step's end."""
+    def steps(self):
+        """The training loop's steps: a signal here waits for the end of the step it lands in."""
         self.in_step = True
         try:
             yield
@@ -46,6 +46,10 @@ def handled_signals():
             again = " (Ctrl-C again to stop now, without it)" if signum == signal.SIGINT else ""
             print(f"\naopd: {NAMES[signum]}: finishing this step, then writing a checkpoint to resume from{again}",
                   file=sys.stderr, flush=True)
+            return
+        if flag.in_step and signum == signal.SIGTERM:
+            # a stop is under way, and a second SIGTERM is the launcher's echo, not a person's hurry: Ray's job stop
+            # and Slurm signal every process, and torchrun forwards its own to each rank; SIGKILL ends a grace period
             return
         raise Interrupted(signum)
 

@@ -85,39 +85,40 @@ def train_loop(session: Run, policy: Policy, *, make_step: Callable[[int], StepB
         return save_step(out_dir, step, policy.model, optimizer, scheduler, sampler=sampler,
                          keep_last=train.keep_last, extra={"skipped": skipped, "diagnostics": diagnostics or {}})
 
-    with progress(label, train.steps, start, train.log_every) as advance:
+    # a signal anywhere in the loop, not only inside a step, waits for the step's end: ranks that get it a few
+    # instructions apart, one in a step and one between two, must still stop after the same step
+    with progress(label, train.steps, start, train.log_every) as advance, session.stop.steps():
         for step in range(start, train.steps):
-            with session.stop.step():
-                started = time.perf_counter()
-                batch = make_step(step)
-                normalizer = int(dist.all_reduce([batch.normalizer])[0])
-                timings: dict[str, float] = {}
-                with names.timed("update", timings):
-                    result = update(policy, optimizer, scheduler, batch.micro_batches, loss_fn, normalizer,
-                                    train.grad_clip)
-                    if result.stepped:
-                        after_update()
-                skipped_in_a_row = 0 if result.stepped else skipped_in_a_row + 1
-                skipped += not result.stepped
-                tokens = dist.all_reduce([sum(int(m.mask_BT.sum()) for m in batch.micro_batches)])[0]
-                shared = dict(zip(batch.metrics, dist.all_reduce(list(batch.metrics.values()))))
-                metrics = {names.train("loss"): result.loss, names.train("grad_norm"): result.grad_norm,
-                           names.train("lr"): scheduler.get_last_lr()[0], names.train("skipped_steps"): skipped,
-                           names.train("tokens_per_s"): tokens / max(time.perf_counter() - started, 1e-9),
-                           names.seconds("step"): time.perf_counter() - started,
-                           **timings, **{names.train(k): v for k, v in result.metrics.items()},
-                           **{k: v / dist.world_size() for k, v in shared.items()}}
-                if (step + 1) % train.log_every == 0 or step + 1 == train.steps or not result.stepped:
-                    tracker.log_metrics(metrics, step=step + 1)
-                if not result.stepped:
-                    _skipped(step + 1, result, skipped_in_a_row, train.max_skipped, out_dir)
-                if evaluate is not None and train.eval_every and (step + 1) % train.eval_every == 0 \
-                        and step + 1 < train.steps:
-                    tracker.log_metrics(evaluate(step + 1), step=step + 1)
-                saved = train.save_every and (step + 1) % train.save_every == 0 and step + 1 < train.steps
-                if saved:
-                    checkpoint(step + 1)
-                advance(step + 1, metrics)
+            started = time.perf_counter()
+            batch = make_step(step)
+            normalizer = int(dist.all_reduce([batch.normalizer])[0])
+            timings: dict[str, float] = {}
+            with names.timed("update", timings):
+                result = update(policy, optimizer, scheduler, batch.micro_batches, loss_fn, normalizer,
+                                train.grad_clip)
+                if result.stepped:
+                    after_update()
+            skipped_in_a_row = 0 if result.stepped else skipped_in_a_row + 1
+            skipped += not result.stepped
+            tokens = dist.all_reduce([sum(int(m.mask_BT.sum()) for m in batch.micro_batches)])[0]
+            shared = dict(zip(batch.metrics, dist.all_reduce(list(batch.metrics.values()))))
+            metrics = {names.train("loss"): result.loss, names.train("grad_norm"): result.grad_norm,
+                       names.train("lr"): scheduler.get_last_lr()[0], names.train("skipped_steps"): skipped,
+                       names.train("tokens_per_s"): tokens / max(time.perf_counter() - started, 1e-9),
+                       names.seconds("step"): time.perf_counter() - started,
+                       **timings, **{names.train(k): v for k, v in result.metrics.items()},
+                       **{k: v / dist.world_size() for k, v in shared.items()}}
+            if (step + 1) % train.log_every == 0 or step + 1 == train.steps or not result.stepped:
+                tracker.log_metrics(metrics, step=step + 1)
+            if not result.stepped:
+                _skipped(step + 1, result, skipped_in_a_row, train.max_skipped, out_dir)
+            if evaluate is not None and train.eval_every and (step + 1) % train.eval_every == 0 \
+                    and step + 1 < train.steps:
+                tracker.log_metrics(evaluate(step + 1), step=step + 1)
+            saved = train.save_every and (step + 1) % train.save_every == 0 and step + 1 < train.steps
+            if saved:
+                checkpoint(step + 1)
+            advance(step + 1, metrics)
             stop = dist.all_reduce([float(session.stop.requested or 0)], "max")[0]
             if stop and step + 1 < train.steps:
                 path = out_dir / f"step_{step + 1}" if saved else checkpoint(step + 1)

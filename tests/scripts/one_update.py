@@ -42,4 +42,5 @@ weights = full_state_dict(policy.model)
 if dist.is_main():
     torch.save({"weights": weights, "before": before, "loss": result.loss, "grad_norm": result.grad_norm,
                 "metrics": result.metrics}, sys.argv[1])
+dist.barrier()  # rank 0 saves while rank 1 would tear the group down: once, gloo aborted rank 1 so under load
 dist.shutdown()
