@@ -255,7 +255,9 @@ def _submit_or_attach(client, group: str, job, root: Path, has_gpus: bool, here:
     try:
         client.submit_job(entrypoint=entrypoint(spec, job.nproc, here), submission_id=sid,
                           runtime_env={"env_vars": {**child_environment(basics=False),
-                                                    "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}},
+                                                    "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S),
+                                                    # torchrun's own grace before it SIGKILLs its ranks (30 s)
+                                                    "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(STOP_WAIT_S)}},
                           entrypoint_num_gpus=job.nproc if has_gpus else 0,
                           entrypoint_num_cpus=threads * job.nproc if not has_gpus else job.nproc,
                           metadata={"aopd_group": group, "aopd_job": job.job_id, "aopd_label": job.label[:200]})

@@ -84,6 +84,9 @@ def relaunch_under_torchrun(nproc_per_node: int, argv: list[str]) -> None:
     """Replace this process by `torchrun --nproc-per-node N -m aopd_cli <argv>` (single node)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
                "-m", "aopd_cli", *argv]
+    # torchrun forwards SIGTERM / Ctrl-C to the ranks and SIGKILLs them after this many seconds (30 by default):
+    # a step and its checkpoint must fit in it
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "60")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
