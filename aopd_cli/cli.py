@@ -86,11 +86,8 @@ def _run(stage: str, overrides: list[str] | None, nproc: int = 1) -> None:
         from aopd_cli.stages.runner import run_stage
         from aopd_cli.training import distributed
 
-        try:
+        with distributed.group_closed_after():
             run_stage(config)
-            distributed.barrier()  # every rank done before any closes its connections: gloo can abort a peer
-        finally:
-            distributed.shutdown()
 
 
 @app.command(epilog=_epilog(
@@ -156,11 +153,8 @@ def pipeline(overrides: Optional[list[str]] = OVERRIDES, nproc_per_node: int = N
         plan = plan_pipeline(list(overrides or []))
         if executor == "local":  # on Ray each stage's job starts its own torchrun
             _relaunch("pipeline", overrides, nproc_per_node)
-        try:
+        with distributed.group_closed_after():
             run_pipeline(plan, executor=executor, address=address, nproc=nproc_per_node)
-            distributed.barrier()
-        finally:
-            distributed.shutdown()
 
 
 @app.command(epilog=_epilog(
@@ -197,11 +191,8 @@ def job(spec: str = typer.Argument(..., help="a job's spec, as --executor ray wr
     from aopd_cli.training import distributed
 
     with refusals():
-        try:
+        with distributed.group_closed_after():
             run_spec(spec)
-            distributed.barrier()
-        finally:
-            distributed.shutdown()
 
 
 jobs_app = typer.Typer(help="Jobs of a sweep or pipeline run with --executor ray: status, logs, cancel.",

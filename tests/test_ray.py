@@ -30,11 +30,7 @@ pytestmark = pytest.mark.slow  # Ray clusters, MLflow servers and torchrun child
 
 
 def kill_marked(marker: str) -> None:
-    for process in marked_processes(marker):
-        try:
-            process.kill()  # Ray's daemons outlive a SIGTERM by tens of seconds
-        except OSError:
-            pass
+    signal_all(marked_processes(marker), signal.SIGKILL)  # Ray's daemons outlive a SIGTERM by tens of seconds
 
 
 @pytest.fixture(scope="module")

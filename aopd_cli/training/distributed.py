@@ -74,6 +74,18 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def group_closed_after():
+    """The process group destroyed when the block ends; when it ends well, every rank first waits for the
+    others (gloo can abort a peer still reading when one rank closes its connections). Not after an error: a
+    rank that raised must not wait for ranks that may never come."""
+    try:
+        yield
+        barrier()
+    finally:
+        shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
